@@ -1,0 +1,26 @@
+# Two entry points that work on a fresh machine (Python 3.10+):
+#   make train   set up .venv and train a small model on the built-in corpus
+#   make test    set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned, so pip does not pick a newer multi-GB build: override with TORCH_VERSION=...
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[train,dev]"
+	touch $(BIN)/activate
+
+setup: $(BIN)/activate
+
+train: setup
+	$(BIN)/hybrid-lm train
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+
+.PHONY: setup train test

@@ -1,0 +1,1 @@
+"""Training, evaluation and publishing tools for hybrid_rnn_lm (the `hybrid-lm` command)."""
