@@ -1,0 +1,511 @@
+"""Hybrid recurrent + attention language model.
+
+Each block is pre-norm residual: a recurrent mixer (torch's fused nn.RNN / nn.GRU / nn.LSTM), then causal
+self-attention where the config puts it, then an MLP. The recurrence gives every position its order, so
+attention needs no positional embedding.
+
+Generation keeps everything in the standard transformers `DynamicCache`: a block without attention is a
+"linear_attention" slot (recurrent state only), a block with attention a "hybrid" slot (recurrent state plus
+keys/values, bounded by the window for sliding attention). Each new token then costs one recurrent step.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
+
+RNN_CLASSES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+# What `save_pretrained` writes into config.json so that every head loads with trust_remote_code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_hybrid_rnn_lm.HybridRnnLmConfig",
+    "AutoModel": "modeling_hybrid_rnn_lm.HybridRnnLmModel",
+    "AutoModelForCausalLM": "modeling_hybrid_rnn_lm.HybridRnnLmForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_hybrid_rnn_lm.HybridRnnLmForSequenceClassification",
+}
+
+
+class HybridRnnLmRecurrentMixer(nn.Module):
+    """A fused single-layer RNN / GRU / LSTM followed by a linear projection back to the residual width.
+
+    The state is cached batch-first as (B, S, H), S = 2 for an LSTM (h and c) and 1 otherwise, so that beam search
+    can reorder it along the batch dimension like any other cache tensor.
+    """
+
+    def __init__(self, config: HybridRnnLmConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_lstm = config.rnn_type == "lstm"
+        directions = 2 if config.bidirectional else 1
+        self.rnn = RNN_CLASSES[config.rnn_type](
+            config.hidden_size, config.hidden_size, batch_first=True, bidirectional=config.bidirectional
+        )
+        self.out_proj = nn.Linear(directions * config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        initial_state = None
+        if cache is not None:
+            cached = cache.get_recurrent_state(self.layer_idx)  # (B, S, H) or None before the first step
+            if cached is not None:
+                initial_state = self._to_torch_state(cached)
+
+        if padding_mask is None:
+            output, final_state = self.rnn(hidden_states, initial_state)
+        else:
+            output, final_state = self._forward_padded(hidden_states, padding_mask, initial_state)
+
+        if cache is not None:
+            cache.update_recurrent_state(self._to_cache_state(final_state), self.layer_idx)
+            # Only conv-state updates set this flag; without it the next step would restart from a zero state.
+            cache.layers[self.layer_idx].has_previous_state[0] = True
+        return self.out_proj(output)
+
+    def _forward_padded(self, hidden_states, padding_mask, initial_state):
+        """Runs the RNN over the real tokens only, wherever the padding is (left padding in generation).
+
+        Masking inputs does not freeze a GRU/LSTM (the biases still move the state), so each row's real tokens are
+        moved to the front, packed, run exactly, and scattered back; padded positions get a zero output.
+        """
+        batch, length, _ = hidden_states.shape
+        lengths = padding_mask.sum(dim=1)
+        order = torch.argsort((~padding_mask).to(torch.int8), dim=1, stable=True)  # (B, T): real tokens first
+        compact = hidden_states.gather(1, order[..., None].expand_as(hidden_states))
+        packed = pack_padded_sequence(compact, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        packed_output, final_state = self.rnn(packed, initial_state)
+        compact_output, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=length)
+        output = torch.zeros_like(compact_output).scatter(
+            1, order[..., None].expand_as(compact_output), compact_output
+        )
+        empty_rows = lengths == 0
+        if bool(empty_rows.any()):  # a row with no real token keeps its state and outputs zeros
+            output = output.masked_fill(empty_rows[:, None, None], 0.0)
+            previous = initial_state if initial_state is not None else self._zeros_like(final_state)
+            final_state = self._select_rows(empty_rows, previous, final_state)
+        return output, final_state
+
+    def _to_cache_state(self, state) -> torch.Tensor:
+        if self.is_lstm:
+            state = torch.cat(state, dim=0)  # (2, B, H)
+        return state.transpose(0, 1).contiguous()  # (B, S, H)
+
+    def _to_torch_state(self, cached: torch.Tensor):
+        state = cached.transpose(0, 1)  # (S, B, H)
+        if self.is_lstm:
+            return state[0:1].contiguous(), state[1:2].contiguous()
+        return state.contiguous()
+
+    def _zeros_like(self, state):
+        return tuple(torch.zeros_like(s) for s in state) if self.is_lstm else torch.zeros_like(state)
+
+    def _select_rows(self, rows, if_true, if_false):
+        if self.is_lstm:
+            return tuple(torch.where(rows[None, :, None], a, b) for a, b in zip(if_true, if_false))
+        return torch.where(rows[None, :, None], if_true, if_false)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The reference path: explicit softmax(QK^T)V, which also returns the attention maps."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+    return output, weights
+
+
+class HybridRnnLmAttention(nn.Module):
+    """Multi-head self-attention, causal (optionally windowed), through the transformers attention interface."""
+
+    def __init__(self, config: HybridRnnLmConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = not config.bidirectional
+        self.num_key_value_groups = 1
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        batch, length, _ = hidden_states.shape
+        heads_shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, past + T, hs), window-bounded
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(batch, length, -1).contiguous()  # (B, T, H)
+        return self.o_proj(output), weights
+
+
+class HybridRnnLmMLP(nn.Module):
+    def __init__(self, config: HybridRnnLmConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN["gelu"]
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return self.down_proj(self.act(self.up_proj(hidden_states)))
+
+
+class HybridRnnLmBlock(GradientCheckpointingLayer):
+    """Pre-norm block: recurrent mixer -> attention (where configured) -> MLP, each around a residual."""
+
+    def __init__(self, config: HybridRnnLmConfig, layer_idx: int):
+        super().__init__()
+        self.use_residual = config.use_residual
+        self.has_attention = layer_idx in config.attention_layer_indices
+        self.rnn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.rnn = HybridRnnLmRecurrentMixer(config, layer_idx)
+        if self.has_attention:
+            self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.attn = HybridRnnLmAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HybridRnnLmMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def _merge(self, stream: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        update = self.dropout(update)
+        return stream + update if self.use_residual else update
+
+    def forward(self, hidden_states, attention_mask=None, padding_mask=None, cache: Cache | None = None, **kwargs):
+        hidden_states = self._merge(hidden_states, self.rnn(self.rnn_norm(hidden_states), padding_mask, cache))
+        attention_weights = None
+        if self.has_attention:
+            update, attention_weights = self.attn(self.attn_norm(hidden_states), attention_mask, cache, **kwargs)
+            hidden_states = self._merge(hidden_states, update)
+        hidden_states = self._merge(hidden_states, self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, attention_weights
+
+
+class HybridRnnLmPreTrainedModel(PreTrainedModel):
+    config_class = HybridRnnLmConfig
+    config: HybridRnnLmConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridRnnLmBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.RNNBase):
+            # Orthogonal recurrent weights keep the state's scale over long sequences; zero biases except the LSTM
+            # forget gate (second quarter of the gates), opened at 1 so that early training remembers.
+            for name, parameter in module.named_parameters():
+                if name.startswith("weight_hh"):
+                    init.orthogonal_(parameter)
+                elif name.startswith("weight_ih"):
+                    init.xavier_uniform_(parameter)
+                elif name.startswith("bias"):
+                    init.zeros_(parameter)
+                    if isinstance(module, nn.LSTM) and name.startswith("bias_ih"):
+                        hidden = module.hidden_size
+                        init.ones_(parameter[hidden : 2 * hidden])
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Only the saved class's own entry is written by transformers: name every head, so that the folder loads
+        # as AutoModel / AutoModelForCausalLM / AutoModelForSequenceClassification with trust_remote_code.
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
+    """The stack of blocks without a head: returns the final (normed) hidden states."""
+
+    def __init__(self, config: HybridRnnLmConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(HybridRnnLmBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
+        kwargs.pop("return_dict", None)
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.config.bidirectional:
+            use_cache = False  # an encoder sees the whole sequence at once: nothing to carry forward
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+
+        padding_mask = self._padding_mask(attention_mask, inputs_embeds.shape[1])
+        attention_mask = self._attention_mask(attention_mask, inputs_embeds, cache)
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states, all_attentions = [], []
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states, attention_weights = block(
+                hidden_states, attention_mask=attention_mask, padding_mask=padding_mask, cache=cache, **kwargs
+            )
+            if padding_mask is not None:
+                # A padded query attends to nothing and may come out NaN; keep padded positions at exactly zero.
+                hidden_states = hidden_states.masked_fill(~padding_mask[..., None], 0.0)
+            if output_attentions and attention_weights is not None:
+                all_attentions.append(attention_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+    @staticmethod
+    def _padding_mask(attention_mask, length: int) -> torch.Tensor | None:
+        """(B, T) bool, True on real tokens of this forward; None when nothing is padded."""
+        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            return None
+        mask = attention_mask[:, -length:].bool()
+        return None if bool(mask.all()) else mask
+
+    def _attention_mask(self, attention_mask, inputs_embeds, cache):
+        indices = self.config.attention_layer_indices
+        if not indices:
+            return None
+        if isinstance(attention_mask, dict):  # already built by generate() for a static cache
+            kind = "full_attention" if self.config.attention_window is None else "sliding_attention"
+            return attention_mask.get(kind, next(iter(attention_mask.values())))
+        if self.config.bidirectional:
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+            )
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "layer_idx": indices[0],
+        }
+        if self.config.attention_window is None:
+            return create_causal_mask(**mask_kwargs)
+        return create_sliding_window_causal_mask(**mask_kwargs)
+
+
+def _keep_last(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    # 0 keeps every position; generate() asks for 1 so the prompt's logits are never materialised.
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, keep, :]
+
+
+class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridRnnLmConfig):
+        if config.bidirectional:
+            raise ValueError(
+                "HybridRnnLmConfig.bidirectional=True cannot be used for a causal language model (it would see the "
+                "future); use it with HybridRnnLmForSequenceClassification, or set bidirectional=False"
+            )
+        super().__init__(config)
+        self.model = HybridRnnLmModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` are the input ids themselves (shifted inside); -100 marks positions to ignore."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
+    """Classifies a sequence from the hidden state of its last real token (as GPT-2's classifier does)."""
+
+    def __init__(self, config: HybridRnnLmConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = HybridRnnLmModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, H)
+        last = self._last_token_index(input_ids, attention_mask, hidden_states)
+        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]  # (B, H)
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _last_token_index(self, input_ids, attention_mask, hidden_states) -> torch.Tensor:
+        """Rightmost real token of each row, from the attention mask, else from the pad id (left or right padding)."""
+        batch, length = hidden_states.shape[:2]
+        positions = torch.arange(length, device=hidden_states.device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            real = attention_mask[:, -length:].to(hidden_states.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            if batch != 1:
+                raise ValueError(
+                    "Batched classification needs an attention_mask or config.pad_token_id to find each row's last "
+                    "token; pass the tokenizer's attention_mask"
+                )
+            return torch.full((batch,), length - 1, device=hidden_states.device)
+        return (positions * real).argmax(dim=-1)
+
+
+__all__ = [
+    "HybridRnnLmForCausalLM",
+    "HybridRnnLmForSequenceClassification",
+    "HybridRnnLmModel",
+    "HybridRnnLmPreTrainedModel",
+]

@@ -1,0 +1,186 @@
+"""The model itself: shapes, causality, cache equivalence, generation, padding, export, training hooks."""
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from hybrid_rnn_lm import (
+    HybridRnnLmConfig,
+    HybridRnnLmForCausalLM,
+    HybridRnnLmForSequenceClassification,
+    HybridRnnLmModel,
+)
+
+VOCAB = 37
+RNN_TYPES = ["rnn", "gru", "lstm"]
+# (attention_layers, attention_window): pure RNN, attention everywhere, sliding window, every other layer.
+LAYOUTS = {
+    "no-attention": ("none", None),
+    "all-attention": ("all", None),
+    "sliding-window": ("all", 3),
+    "every-2nd": (2, None),
+}
+
+
+def tiny_config(rnn_type="gru", layout="all-attention", **overrides) -> HybridRnnLmConfig:
+    attention_layers, window = LAYOUTS[layout]
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rnn_type=rnn_type,
+        attention_layers=attention_layers,
+        attention_window=window,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return HybridRnnLmConfig(**fields)
+
+
+def peaky_model(config: HybridRnnLmConfig, seed: int = 0) -> HybridRnnLmForCausalLM:
+    """A model whose argmax changes along the sequence: a random-init model predicts one token everywhere,
+    which hides cache bugs."""
+    torch.manual_seed(seed)
+    config.initializer_range = 0.3
+    model = HybridRnnLmForCausalLM(config).eval()
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "sliding-window"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_shapes_loss_and_backward(rnn_type, layout):
+    torch.manual_seed(0)
+    model = HybridRnnLmForCausalLM(tiny_config(rnn_type, layout))
+    ids = random_ids(3, 11)
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (3, 11, VOCAB)
+    # A fresh model is close to uniform over the vocabulary.
+    assert abs(out.loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 0.5
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_causality(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout))
+    ids = random_ids(2, 12)
+    reference = model(ids).logits
+    for t in (0, 5, 10):
+        changed = ids.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 7) % VOCAB
+        logits = model(changed).logits
+        torch.testing.assert_close(logits[:, : t + 1], reference[:, : t + 1], atol=1e-6, rtol=0)
+        assert not torch.allclose(logits[:, t + 1], reference[:, t + 1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_cached_step_decoding_matches_full_forward(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout, num_hidden_layers=3))
+    ids = random_ids(2, 14, seed=1)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        assert full.argmax(-1).unique().numel() > 3, "weights are not peaky enough to expose cache bugs"
+        # Prefill 4 tokens, then one token at a time through the cache (the window of 3 evicts keys).
+        out = model(ids[:, :4], use_cache=True)
+        steps = [out.logits]
+        cache = out.cache
+        for t in range(4, ids.shape[1]):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    stepped = torch.cat(steps, dim=1)
+    assert (stepped - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "sliding-window"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_generate_with_and_without_cache_agree(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout))
+    prompt = random_ids(2, 5, seed=2)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    greedy_cached = model.generate(prompt, use_cache=True, **settings)
+    greedy_plain = model.generate(prompt, use_cache=False, **settings)
+    assert torch.equal(greedy_cached, greedy_plain)
+    assert greedy_cached[:, 5:].unique().numel() > 2
+    beam = dict(num_beams=4, num_return_sequences=2, **settings)
+    assert torch.equal(model.generate(prompt, use_cache=True, **beam), model.generate(prompt, use_cache=False, **beam))
+
+
+def test_sampling_and_num_return_sequences():
+    model = peaky_model(tiny_config("gru", "all-attention"))
+    prompt = random_ids(2, 4, seed=3)
+    torch.manual_seed(0)
+    first = model.generate(prompt, do_sample=True, top_k=10, max_new_tokens=8, num_return_sequences=3)
+    torch.manual_seed(0)
+    second = model.generate(prompt, do_sample=True, top_k=10, max_new_tokens=8, num_return_sequences=3)
+    assert first.shape == (6, 12)
+    assert torch.equal(first, second)
+    assert torch.equal(first[0, :4], prompt[0]) and torch.equal(first[3, :4], prompt[1])
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "sliding-window"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout))
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batched = model.generate(ids, attention_mask=mask, **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **settings)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} changed by padding"
+
+    # The forward pass too: a padded row's logits at real positions equal the unpadded ones.
+    with torch.no_grad():
+        padded_logits = model(ids, attention_mask=mask).logits
+        for row, prompt in enumerate(prompts):
+            alone = model(prompt[None]).logits[0]
+            torch.testing.assert_close(padded_logits[row, width - len(prompt) :], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_agree():
+    sdpa = peaky_model(tiny_config("lstm", "every-2nd", num_hidden_layers=4))
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = HybridRnnLmForCausalLM(tiny_config("lstm", "every-2nd", num_hidden_layers=4, attn_implementation="eager"))
+    eager.load_state_dict(sdpa.state_dict())
+    eager.eval()
+    assert eager.config._attn_implementation == "eager"
+    ids = random_ids(2, 10)
+    torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_and_attentions_outputs():
+    config = tiny_config("gru", "every-2nd", num_hidden_layers=4, attn_implementation="eager")
+    model = peaky_model(config)
+    ids = random_ids(2, 9)
+    out = model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 5  # the embeddings + one per block (the last one normed)
+    assert all(h.shape == (2, 9, 32) for h in out.hidden_states)
+    assert len(out.attentions) == 2  # blocks 1 and 3 carry attention
+    for maps in out.attentions:
+        assert maps.shape == (2, 4, 9, 9)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 9))
+        assert torch.all(maps.triu(diagonal=1) == 0), "attention looked at the future"
