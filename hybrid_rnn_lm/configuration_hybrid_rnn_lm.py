@@ -70,7 +70,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs,
     ):
         # Derived fields come back from config.json; they are recomputed below, never trusted.
@@ -171,7 +171,8 @@ class HybridRnnLmConfig(PreTrainedConfig):
             fail("initializer_range", f"must be > 0, got {self.initializer_range!r}")
         for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, field)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+            ids = value if isinstance(value, list) and field == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
                 fail(field, f"must be None or an id in [0, vocab_size={self.vocab_size}), got {value!r}")
 
 

@@ -252,18 +252,23 @@ class HybridRnnLmPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.RNNBase):
-            # Orthogonal recurrent weights keep the state's scale over long sequences; zero biases except the LSTM
-            # forget gate (second quarter of the gates), opened at 1 so that early training remembers.
+            # Orthogonal recurrent weights (per gate) keep the state's scale over long sequences; zero biases except
+            # the LSTM forget gate (second quarter of the gates), opened at 1 so that early training remembers.
+            # Gates are initialised through views, which do not carry the "loaded from the checkpoint" flag: check it
+            # on the whole parameter so that loaded weights are never overwritten.
+            hidden = module.hidden_size
             for name, parameter in module.named_parameters():
+                if getattr(parameter, "_is_hf_initialized", False):
+                    continue
                 if name.startswith("weight_hh"):
-                    init.orthogonal_(parameter)
+                    for gate in parameter.split(hidden, dim=0):
+                        torch.nn.init.orthogonal_(gate)
                 elif name.startswith("weight_ih"):
                     init.xavier_uniform_(parameter)
                 elif name.startswith("bias"):
                     init.zeros_(parameter)
                     if isinstance(module, nn.LSTM) and name.startswith("bias_ih"):
-                        hidden = module.hidden_size
-                        init.ones_(parameter[hidden : 2 * hidden])
+                        torch.nn.init.ones_(parameter[hidden : 2 * hidden])
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Only the saved class's own entry is written by transformers: name every head, so that the folder loads
