@@ -34,7 +34,9 @@ def test_attention_layout_is_data(attention_layers, window, expected_types):
 
 def test_eos_token_id_may_be_a_list():
     assert HybridRnnLmConfig(vocab_size=10, eos_token_id=[2, 3]).eos_token_id == [2, 3]
-    with pytest.raises(ValueError, match=r"eos_token_id: must be None or an id in \[0, vocab_size=10\), got \[2, 12\]"):
+    with pytest.raises(
+        ValueError, match=r"eos_token_id: must be None or an id in \[0, vocab_size=10\), got \[2, 12\]"
+    ):
         HybridRnnLmConfig(vocab_size=10, eos_token_id=[2, 12])
 
 
@@ -49,17 +51,26 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"hidden_size": 30, "num_attention_heads": 4}, "HybridRnnLmConfig.num_attention_heads: 4 heads do not divide"),
+        (
+            {"hidden_size": 30, "num_attention_heads": 4},
+            "HybridRnnLmConfig.num_attention_heads: 4 heads do not divide",
+        ),
         ({"rnn_type": "transformer"}, "HybridRnnLmConfig.rnn_type: must be one of 'rnn', 'gru', 'lstm'"),
         ({"attention_window": 0}, "HybridRnnLmConfig.attention_window: must be None (full attention) or an integer"),
-        ({"num_hidden_layers": 2, "attention_layers": [0, 5]}, "HybridRnnLmConfig.attention_layers: layer indices [5]"),
+        (
+            {"num_hidden_layers": 2, "attention_layers": [0, 5]},
+            "HybridRnnLmConfig.attention_layers: layer indices [5]",
+        ),
         ({"attention_layers": "some"}, "HybridRnnLmConfig.attention_layers: must be 'all', 'none'"),
         ({"num_hidden_layers": 2, "attention_layers": 3}, "HybridRnnLmConfig.attention_layers: every-k-th layer"),
         ({"hidden_size": 0}, "HybridRnnLmConfig.hidden_size: must be a positive integer"),
         ({"vocab_size": -5}, "HybridRnnLmConfig.vocab_size: must be a positive integer"),
         ({"num_hidden_layers": 0}, "HybridRnnLmConfig.num_hidden_layers: must be a positive integer"),
         ({"hidden_dropout": 1.5}, "HybridRnnLmConfig.hidden_dropout: must be a probability"),
-        ({"vocab_size": 10, "eos_token_id": 10}, "HybridRnnLmConfig.eos_token_id: must be None or an id in [0, vocab_size=10), got 10"),
+        (
+            {"vocab_size": 10, "eos_token_id": 10},
+            "HybridRnnLmConfig.eos_token_id: must be None or an id in [0, vocab_size=10), got 10",
+        ),
     ],
     ids=lambda value: None if isinstance(value, dict) else value.split(":")[0].split(".")[-1],
 )

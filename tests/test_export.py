@@ -101,8 +101,11 @@ def test_weights_missing_from_a_checkpoint_are_initialised(tmp_path, rnn_type):
     weights = load_file(tmp_path / "model.safetensors")
     dropped = [name for name in weights if ".rnn.rnn." in name and name.startswith("model.layers.0.")]
     assert dropped
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
     reloaded = HybridRnnLmForCausalLM.from_pretrained(tmp_path)
     rnn = reloaded.model.layers[0].rnn.rnn

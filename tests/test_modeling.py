@@ -2,18 +2,10 @@
 
 import pytest
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
 
 from hybrid_rnn_lm import (
     HybridRnnLmConfig,
     HybridRnnLmForCausalLM,
-    HybridRnnLmForSequenceClassification,
-    HybridRnnLmModel,
 )
 
 VOCAB = 37
