@@ -118,6 +118,16 @@ def test_folder_of_txt_files_is_one_document_per_file(tmp_path):
     assert _texts(corpus["train"]) == DOCUMENTS[:18] and _texts(corpus["validation"]) == DOCUMENTS[18:]
 
 
+def test_folder_where_only_a_stray_name_looks_like_a_split_is_one_corpus(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for name, text in [("a.txt", "first"), ("b.txt", "second"), ("test-notes.txt", "third"), (".hidden.txt", "x")]:
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "README.md").write_text("# my notes\n", encoding="utf-8")
+    corpus = load_corpus(str(folder), cache_dir=tmp_path / "cache")
+    assert _texts(corpus["train"]) == ["first", "second"] and _texts(corpus["validation"]) == ["third"]
+
+
 def test_folder_with_its_own_validation_split_uses_it(tmp_path):
     _write(tmp_path / "data", "jsonl", "train", DOCUMENTS[:5], column="text")
     _write(tmp_path / "data", "jsonl", "validation", DOCUMENTS[5:7], column="text")
@@ -151,16 +161,52 @@ def test_dataset_name_with_config_suffix_or_argument(dataset_repository, tmp_pat
     assert _texts(long["train"]) == DOCUMENTS[6:15] and _texts(long["validation"]) == DOCUMENTS[15:16]
 
 
+def test_dataset_with_several_configs_asks_for_one(dataset_repository, tmp_path):
+    with pytest.raises(UserError) as caught:
+        load_corpus(str(dataset_repository), text_column="body", cache_dir=tmp_path / "cache")
+    assert str(caught.value) == (
+        f"dataset {str(dataset_repository)!r}: Config name is missing. Please pick one among the available configs: "
+        "['short', 'long']; pass one of its configs as name:config"
+    )
+
+
+def test_unreachable_hub_dataset_is_a_user_error(monkeypatch, no_network):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as caught:
+        load_corpus("someone/no-such-corpus:main")
+    message = str(caught.value)
+    assert message.startswith("dataset 'someone/no-such-corpus' could not be loaded (")
+    assert message.endswith(
+        "check the name (and that you are online or have it cached), or pass a local file, folder or glob"
+    )
+
+
 # --- streaming -----------------------------------------------------------------------------------------
 
 
-def test_streaming_yields_the_same_texts_in_the_same_order(tmp_path):
-    source = _write(tmp_path / "data", "jsonl", "corpus", DOCUMENTS, column="text")
-    eager = load_corpus(str(source), cache_dir=tmp_path / "cache")
-    lazy = load_corpus(str(source), streaming=True)
+@pytest.mark.parametrize("source", ["jsonl", "txt-folder", "python-docs", "repository"])
+def test_streaming_yields_the_same_texts_in_the_same_order(tmp_path, source, dataset_repository):
+    options = {}
+    if source == "jsonl":
+        name = str(_write(tmp_path / "data", "jsonl", "corpus", DOCUMENTS, column="text"))
+    elif source == "txt-folder":
+        for index, text in enumerate(DOCUMENTS):
+            (tmp_path / "books").mkdir(exist_ok=True)
+            (tmp_path / "books" / f"book-{index:02d}.txt").write_text(text, encoding="utf-8")
+        name = str(tmp_path / "books")
+    elif source == "repository":
+        name, options = f"{dataset_repository}:long", {"text_column": "body"}
+    else:
+        name = source
+    eager = load_corpus(name, cache_dir=tmp_path / "cache", **options)
+    lazy = load_corpus(name, streaming=True, **options)
     assert isinstance(lazy, IterableDatasetDict)
     for split in ("train", "validation"):
-        assert _texts(lazy[split]) == _texts(eager[split])
+        assert _texts(lazy[split]) == _texts(eager[split]) != []
 
 
 def test_streaming_blocks_equal_the_first_non_streaming_blocks(shakespeare_path, shakespeare, shakespeare_char):

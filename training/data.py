@@ -35,8 +35,9 @@ from datasets import (
     load_dataset,
     load_from_disk,
 )
-from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.exceptions import DatasetGenerationError
+from transformers import PreTrainedTokenizerFast
 
 from training.errors import UserError
 
@@ -163,20 +164,56 @@ def _format_of(files: list[Path], where: str) -> str:
 def _load_folder(
     folder: Path, config: str | None, text_column: str, fraction: float, streaming: bool, cache_dir: str | None
 ) -> Corpus:
-    if config is not None or (folder / "README.md").is_file():
-        # A dataset repository laid out like the Hub (its README may declare configs): `datasets` reads it.
+    if config is not None or _declares_configs(folder / "README.md"):
+        # A dataset repository laid out like the Hub (its README declares configs): `datasets` reads it.
         loaded = _load_with_datasets(str(folder), config, streaming=streaming, cache_dir=cache_dir)
         return _finish(loaded, text_column, fraction, str(folder))
-    # Split names come from file/folder names (train.txt, validation/, ...), as `load_dataset` infers them.
-    patterns = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    files_per_split = _files_per_split(folder)
+    if not files_per_split:
+        raise UserError(f"{folder} holds no .txt, .jsonl or .parquet files: put the corpus files there")
+    return _load_files(files_per_split, text_column, fraction, streaming, cache_dir, str(folder))
+
+
+def _declares_configs(readme: Path) -> bool:
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    front_matter = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    return "configs:" in front_matter
+
+
+def _files_per_split(folder: Path) -> dict[str, list[Path]]:
+    """Split names from file/folder names (train.txt, validation/, ...), the way `load_dataset` infers them."""
+    try:
+        patterns = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except EmptyDatasetError:
+        return {}
     files_per_split = {
         str(split): sorted(Path(file) for file in files if Path(file).suffix.lower() in FILE_FORMATS)
         for split, files in patterns.items()
     }
     files_per_split = {split: files for split, files in files_per_split.items() if files}
-    if not files_per_split:
-        raise UserError(f"{folder} holds no .txt, .jsonl or .parquet files: put the corpus files there")
-    return _load_files(files_per_split, text_column, fraction, streaming, cache_dir, str(folder))
+    every_file = sorted(
+        file
+        for file in folder.rglob("*")
+        if file.is_file()
+        and file.suffix.lower() in FILE_FORMATS
+        and not any(part.startswith(".") for part in file.relative_to(folder).parts)  # hidden, as `datasets` does
+    )
+    if "train" not in files_per_split:
+        # Only a stray name like "test-notes.txt" matched a split word: the folder is one unsplit corpus.
+        return {"train": every_file} if every_file else {}
+    used = {file.resolve() for files in files_per_split.values() for file in files}
+    ignored = [file for file in every_file if file.resolve() not in used]
+    if ignored:
+        logger.warning(
+            "%s: %d file(s) outside the %s splits are not used, e.g. %s",
+            folder,
+            len(ignored),
+            "/".join(files_per_split),
+            ignored[0],
+        )
+    return files_per_split
 
 
 def _load_files(
@@ -207,20 +244,23 @@ def _load_with_datasets(path: str, config: str | None, **kwargs) -> Corpus:
         return load_dataset(path, config, **kwargs)
     except (FileNotFoundError, ConnectionError) as error:
         raise UserError(
-            f"dataset {path!r} could not be loaded ({_first_line(error)}): check the name (and that you are "
+            f"dataset {path!r} could not be loaded ({_one_line(error)}): check the name (and that you are "
             "online or have it cached), or pass a local file, folder or glob"
         ) from error
     except ValueError as error:
         if "config" in str(error).lower():
-            raise UserError(
-                f"dataset {path!r}: {_first_line(error)}; pass one of its configs as name:config"
-            ) from error
+            raise UserError(f"dataset {path!r}: {_one_line(error)}; pass one of its configs as name:config") from error
         raise
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: BaseException) -> str:
+    """The gist of a library error on one line (its usage examples left out)."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.strip().lower().startswith("example"):
+            break
+        lines.append(line.strip())
+    return " ".join(line for line in lines if line).rstrip(".") or type(error).__name__
 
 
 def _finish(loaded: Corpus, text_column: str, fraction: float, where: str) -> Corpus:
@@ -522,7 +562,13 @@ def _blocks_for_split(
 def _tokenize_documents(batch: dict, tokenizer, eos_id: int) -> dict:
     texts = [text or "" for text in batch["text"]]
     # add_special_tokens=False: documents are joined with EOS here, never with the tokenizer's own specials.
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    if type(tokenizer) is PreTrainedTokenizerFast:
+        # The plain class adds nothing in Python to the Rust encoder, and skipping offsets is ~2x faster.
+        ids = [
+            encoding.ids for encoding in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        ]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     return {
         "input_ids": [[*row, eos_id] if text else [] for row, text in zip(ids, texts)],
         "characters": [len(text) for text in texts],
