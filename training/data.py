@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -470,7 +470,6 @@ class _TokenizeJob:
     num_proc: int
     eos_id: int
     tokenizer_hash: str
-    work_dir: Path = field(default_factory=Path)
 
 
 def tokenize_corpus(
@@ -545,12 +544,11 @@ def _blocks_for_split(
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".tokenize-{name}-", dir=parent) as work:
-        job.work_dir = Path(work)
-        blocks, stats = _tokenize_split(name, split, job, key, in_memory=target is None)
+        blocks, stats = _tokenize_split(name, split, job, key, Path(work), in_memory=target is None)
         if target is None:
             return blocks, stats, False
         # Written beside the target then renamed: an interrupted run never leaves a half-written cache entry.
-        staging = job.work_dir / "blocks"
+        staging = Path(work) / "blocks"
         blocks.save_to_disk(str(staging))
         (staging / "stats.json").write_text(json.dumps(asdict(stats), indent=2) + "\n")
         shutil.rmtree(target, ignore_errors=True)
@@ -579,8 +577,9 @@ _TOKENS_FEATURES = Features({"input_ids": List(Value("int32")), "characters": Va
 
 
 def _tokenize_split(
-    name: str, split: Dataset, job: _TokenizeJob, key: str, in_memory: bool
+    name: str, split: Dataset, job: _TokenizeJob, key: str, work_dir: Path, in_memory: bool
 ) -> tuple[Dataset, CorpusStats]:
+    """Documents -> token lists (in `work_dir`) -> blocks; in memory or in `work_dir` as `in_memory` says."""
     try:
         documents = split.map(
             _tokenize_documents,
@@ -589,7 +588,7 @@ def _tokenize_split(
             num_proc=_usable_processes(job.num_proc, split.num_rows),
             remove_columns=split.column_names,
             features=_TOKENS_FEATURES,
-            cache_file_name=str(job.work_dir / "documents.arrow"),
+            cache_file_name=str(work_dir / "documents.arrow"),
             new_fingerprint=f"{key}-documents",
             desc=f"Tokenizing {name}",
         )
@@ -619,7 +618,7 @@ def _tokenize_split(
         num_proc=_usable_processes(job.num_proc, block_count),
         remove_columns=["block"],
         features=Features({"input_ids": List(Value("int32"), length=job.block_size)}),
-        cache_file_name=None if in_memory else str(job.work_dir / "blocks.arrow"),
+        cache_file_name=None if in_memory else str(work_dir / "blocks.arrow"),
         keep_in_memory=in_memory,
         new_fingerprint=f"{key}-blocks",
         desc=f"Cutting {name} into blocks",
