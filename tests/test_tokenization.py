@@ -151,3 +151,9 @@ def test_unknown_tokenizer_kind_or_missing_folder(tmp_path):
 def test_folder_without_tokenizer_files_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"does not hold a loadable tokenizer .*pass a folder written by"):
         build_tokenizer(str(tmp_path))
+
+
+def test_bpe_training_is_deterministic(bpe_tokenizer):
+    # Cached token blocks are keyed by the tokenizer: a retrained BPE must be the very same tokenizer.
+    again = build_tokenizer("bpe", [TRAINING_TEXT], vocab_size=400, model_max_length=256)
+    assert again.backend_tokenizer.to_str() == bpe_tokenizer.backend_tokenizer.to_str()
