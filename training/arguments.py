@@ -1,0 +1,304 @@
+"""Arguments of `hybrid-lm train`: three typed dataclasses, parsed from flags or from one YAML file.
+
+`hybrid-lm train --hidden-size 128 --max-steps 500` and `hybrid-lm train run.yaml [--max-steps 10]` are the
+same thing: the YAML keys are the field names below, and flags given after the YAML file override it. Every
+run writes its exact arguments to `<output_dir>/training_args.yaml`, which this parser reads back.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from training.errors import UserError
+
+# LambdaLR schedules from transformers.get_scheduler ("reduce_lr_on_plateau" and "greedy" react to metrics).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+DEFAULT_MAX_STEPS = 600
+
+
+def _arg(default, help: str, **kwargs):
+    """A dataclass field whose help text shows in `hybrid-lm train --help`."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build and how large."""
+
+    architecture: Literal["hybrid", "gpt2"] = _arg(
+        "hybrid", "hybrid: the recurrent + attention model; gpt2: transformers' GPT-2 at the same size, as a baseline"
+    )
+    model_config: str | None = _arg(
+        None, "a config.json (or a folder holding one) to build the model from; replaces the size flags below"
+    )
+    hidden_size: int = _arg(128, "width of the residual stream and of the recurrent state")
+    num_hidden_layers: int = _arg(3, "number of blocks")
+    rnn_type: Literal["rnn", "gru", "lstm"] = _arg("gru", "recurrent cell of every block (hybrid only)")
+    num_attention_heads: int = _arg(4, "attention heads; must divide --hidden-size")
+    attention_layers: str = _arg(
+        "2", "blocks with attention (hybrid only): all, none, k (every k-th block) or a comma list of indices (0,2)"
+    )
+    attention_window: int | None = _arg(None, "sliding attention window in tokens (hybrid only); unset = full causal")
+    intermediate_size: int | None = _arg(None, "MLP width; unset = 4 x --hidden-size")
+    hidden_dropout: float = _arg(0.0, "dropout on embeddings and sub-layer outputs")
+    attention_dropout: float = _arg(0.0, "dropout on attention probabilities")
+    use_residual: bool = _arg(True, "residual connections around every sub-layer (--no-use-residual: ablation)")
+
+    def __post_init__(self):
+        _check_types(self)
+        self.attention_layers = str(self.attention_layers)  # YAML may hold an int or a list
+        if self.model_config is None:
+            parse_attention_layers(self.attention_layers)
+        _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
+        _check_positive(self, "attention_window", "intermediate_size", allow_none=True)
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}; pick e.g. 0.1")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"--num-attention-heads {self.num_attention_heads} does not divide --hidden-size {self.hidden_size}; "
+                "pick a number of heads that divides the hidden size"
+            )
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it becomes blocks of token ids."""
+
+    dataset: str = _arg("python-docs", "a text file, folder or glob, a Hub dataset name, or the built-in python-docs")
+    dataset_config: str | None = _arg(None, "configuration (subset) of a Hub dataset, e.g. wikitext-2-raw-v1")
+    text_column: str = _arg("text", "column holding the text in a Hub or tabular dataset")
+    validation_fraction: float = _arg(0.1, "share of the text held out for validation when there is no such split")
+    tokenizer: str = _arg(
+        "char", "char (one token per character), bpe (byte-level BPE trained on the corpus) or a path"
+    )
+    vocab_size: int | None = _arg(None, "BPE vocabulary size (bpe only)")
+    block_size: int = _arg(128, "tokens per training sequence")
+    num_proc: int = _arg(1, "processes used to tokenize the corpus")
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_positive(self, "block_size", "num_proc")
+        _check_positive(self, "vocab_size", allow_none=True)
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise UserError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}; pick e.g. 0.1")
+
+
+@dataclass
+class TrainArguments:
+    """How long and how to train, evaluate, checkpoint and report."""
+
+    output_dir: str | None = _arg(None, "folder for the model, metrics and checkpoints; unset = runs/hybrid-lm-<time>")
+    overwrite_output_dir: bool = _arg(False, "delete a previous run in --output-dir instead of refusing to start")
+    batch_size: int = _arg(16, "sequences per micro-batch and process")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    learning_rate: float = _arg(3e-3, "peak learning rate of AdamW")
+    lr_scheduler: str = _arg("cosine", f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULERS)}")
+    min_lr_rate: float = _arg(0.1, "final learning rate as a fraction of the peak (cosine_with_min_lr schedules)")
+    warmup_steps: int = _arg(50, "optimizer steps of linear warmup")
+    weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
+    max_grad_norm: float = _arg(1.0, "clip the gradient norm to this value; 0 disables clipping")
+    max_steps: int | None = _arg(None, f"optimizer steps to train; unset = from --epochs, else {DEFAULT_MAX_STEPS}")
+    epochs: float | None = _arg(None, "passes over the training split (instead of --max-steps)")
+    eval_steps: int = _arg(100, "evaluate on the validation split every this many steps")
+    eval_batches: int = _arg(20, "validation batches per evaluation; 0 = the whole validation split")
+    early_stopping_patience: int | None = _arg(
+        None, "stop after this many evaluations without a lower validation loss; unset = never"
+    )
+    checkpoint_steps: int = _arg(200, "save a resumable checkpoint every this many steps; 0 = only at the end")
+    checkpoint_limit: int = _arg(2, "keep only the newest this many checkpoints")
+    resume_from_checkpoint: str | None = _arg(None, "a checkpoint folder, or latest (newest in --output-dir)")
+    seed: int = _arg(1337, "seed of weights, data order and dropout")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
+        "no", "autocast precision: fp16 needs a CUDA GPU; bf16 works on CPU and on GPUs that support it"
+    )
+    report_to: str = _arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
+    log_steps: int = _arg(10, "write a training-loss line to metrics.jsonl every this many steps")
+    sample_prompt: str = _arg("The ", "prompt of the text sample generated at the end")
+    sample_tokens: int = _arg(200, "tokens of the text sample generated at the end; 0 = no sample")
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_positive(self, "batch_size", "gradient_accumulation_steps", "eval_steps", "log_steps")
+        _check_positive(self, "checkpoint_limit")
+        _check_positive(self, "max_steps", "epochs", "early_stopping_patience", allow_none=True)
+        for name in ("eval_batches", "checkpoint_steps", "warmup_steps", "sample_tokens", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate must be > 0, got {self.learning_rate}; pick e.g. 1e-3")
+        if not 0.0 <= self.min_lr_rate <= 1.0:
+            raise UserError(f"--min-lr-rate must be in [0, 1], got {self.min_lr_rate}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise UserError("--max-steps and --epochs both given; pass only one of them")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(
+                f"--lr-scheduler {self.lr_scheduler!r} is not known; choose one of: {', '.join(LR_SCHEDULERS)}"
+            )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def parse_attention_layers(spec: str) -> str | int | list[int]:
+    """`all` / `none` / `3` / `0,2` -> the value HybridRnnLmConfig.attention_layers takes."""
+    text = spec.strip().strip("[]").replace(" ", "")
+    if text in ("all", "none"):
+        return text
+    try:
+        if "," in text:
+            return [int(index) for index in text.split(",") if index]
+        return int(text)
+    except ValueError:
+        raise UserError(
+            f"--attention-layers {spec!r} is not understood; use all, none, k (every k-th block) or indices like 0,2"
+        ) from None
+
+
+class _ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors are one line (a UserError), not argparse's usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `hybrid-lm train --help`)")
+
+    def add_argument(self, *names, **kwargs):
+        # Show --max-steps rather than --max_steps in help and errors; both spellings stay accepted.
+        dashed = sorted(names, key=lambda name: name.startswith("--") and "_" in name)
+        return super().add_argument(*dashed, **kwargs)
+
+
+def build_parser() -> _ArgumentParser:
+    parser = _ArgumentParser(
+        ARGUMENT_CLASSES,
+        prog="hybrid-lm train",
+        description="Train a language model with accelerate. Give flags, or one YAML file (keys = option names "
+        "with underscores) optionally followed by flags that override it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    return parser
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Flags, or `config.yaml [flags...]`, -> the three argument dataclasses."""
+    parser = build_parser()
+    argv = list(argv)
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        parser.set_defaults(**_read_yaml(Path(argv.pop(0))))
+    *arguments, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(arguments)
+
+
+def arguments_from_dict(values: dict) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """The Python route (used by sweeps): a flat dict of field names -> the three dataclasses, defaults elsewhere."""
+    _check_keys(values, source="the arguments")
+    return tuple(cls(**{k: v for k, v in values.items() if k in _field_names(cls)}) for cls in ARGUMENT_CLASSES)
+
+
+def arguments_to_dict(*arguments) -> dict:
+    """The three dataclasses -> one flat dict, the content of training_args.yaml."""
+    merged = {}
+    for instance in arguments:
+        merged.update(dataclasses.asdict(instance))
+    return merged
+
+
+def write_arguments_yaml(path: Path, *arguments) -> None:
+    path.write_text(yaml.safe_dump(arguments_to_dict(*arguments), sort_keys=False, allow_unicode=True))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; give the path of a YAML file or use flags")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML ({_first_line(error)}); fix the file") from None
+    if not isinstance(values, dict):
+        raise UserError(
+            f"config file {path} must hold a mapping of option names to values, not a {type(values).__name__}"
+        )
+    _check_keys(values, source=f"config file {path}")
+    return values
+
+
+def _check_keys(values: dict, source: str) -> None:
+    known = set().union(*(_field_names(cls) for cls in ARGUMENT_CLASSES))
+    unknown = sorted(str(key) for key in values if key not in known)
+    if unknown:
+        raise UserError(
+            f"{source} has unknown option(s) {', '.join(unknown)}; valid names are those of `hybrid-lm train --help` "
+            "with underscores"
+        )
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _allowed_types(annotation) -> tuple:
+    """int | None -> (int, NoneType); Literal["a"] -> (str,); a float field also takes ints."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return tuple({type(choice) for choice in typing.get_args(annotation)})
+    if origin in (typing.Union, types.UnionType):
+        return sum((_allowed_types(arg) for arg in typing.get_args(annotation)), ())
+    if annotation is float:
+        return (float, int)
+    return (annotation,)
+
+
+def _check_types(instance) -> None:
+    """YAML and Python callers bypass argparse's conversions: reject a value of the wrong type with one line."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value, allowed = getattr(instance, f.name), _allowed_types(hints[f.name])
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            if f.name == "attention_layers" and isinstance(value, (int, list)) and not isinstance(value, bool):
+                continue
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise UserError(f"option {f.name} must be {expected}, got {value!r}; fix the value")
+        if typing.get_origin(hints[f.name]) is Literal and value not in typing.get_args(hints[f.name]):
+            choices = ", ".join(map(str, typing.get_args(hints[f.name])))
+            raise UserError(f"option {f.name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive(instance, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(instance, name)
+        if value is None and allow_none:
+            continue
+        if value is None or value <= 0:
+            raise UserError(f"--{_flag(name)} must be a positive number, got {value}")

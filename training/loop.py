@@ -1,0 +1,197 @@
+"""The training loop: set lr -> evaluate/checkpoint -> micro-steps -> clip -> step -> log, on accelerate.
+
+Everything a resumed run needs besides model, optimizer and RNG states lives in `TrainingProgress`, which is
+saved in every checkpoint; the learning rate is a pure function of the step and the data position is
+(epoch, batches consumed), so a resumed run replays an uninterrupted one exactly.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.arguments import TrainArguments
+
+
+@dataclass
+class TrainingProgress:
+    """Loop state saved with every checkpoint (accelerate's register_for_checkpointing)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` this process has consumed
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@dataclass
+class LoopParts:
+    """What the loop drives; the callables keep file and tracker details out of it."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_dataloader: DataLoader
+    lr_multiplier: Callable[[int], float]  # step -> fraction of the peak learning rate
+    evaluate: Callable[[], dict]  # -> {"val_loss": ..., ...}
+    save_best_model: Callable[[], None]
+    save_checkpoint: Callable[[int], None]
+    log: Callable[[dict], None]  # one metrics.jsonl row
+    stop_requested: Callable[[], bool]  # Ctrl-C seen (on any process)
+    tokens_per_step: int
+    resumed: bool = False
+    on_batch: Callable[[int, torch.Tensor], None] | None = None  # (step, input_ids) of every micro-batch
+    last_loss: float = field(default=math.nan)
+
+
+def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArguments, max_steps: int) -> str:
+    """Trains up to `max_steps`; returns why it stopped: max_steps, early_stopping, non_finite_loss, interrupted."""
+    accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
+    batches = batch_stream(parts.train_dataloader, accelerator, progress)
+    start_step = progress.step
+    window_losses, window_seconds = [], 0.0  # training time only: evaluation and checkpoints do not count
+    bar = tqdm(
+        total=max_steps, initial=start_step, desc="training", unit="step", disable=not accelerator.is_main_process
+    )
+    while True:
+        step = progress.step
+        # 1. Learning rate: a function of the step only, so a resumed run follows the same schedule.
+        lr = args.learning_rate * parts.lr_multiplier(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2. Evaluate, keep the best model, stop or checkpoint. A resumed run does not redo what its checkpoint holds.
+        stop_reason = None
+        if not (parts.resumed and step == start_step):
+            if step % args.eval_steps == 0 or step == max_steps:
+                metrics = parts.evaluate()
+                parts.log({"step": step, "tokens_seen": progress.tokens_seen, **metrics})
+                if metrics["val_loss"] < progress.best_val_loss:
+                    progress.best_val_loss, progress.best_step = metrics["val_loss"], step
+                    progress.evals_without_improvement = 0
+                    parts.save_best_model()
+                else:
+                    progress.evals_without_improvement += 1
+                patience = args.early_stopping_patience
+                if patience is not None and progress.evals_without_improvement >= patience:
+                    stop_reason = "early_stopping"
+            if step >= max_steps:
+                stop_reason = "max_steps"
+            if stop_reason or (args.checkpoint_steps and step > 0 and step % args.checkpoint_steps == 0):
+                parts.save_checkpoint(step)
+        elif step >= max_steps:
+            stop_reason = "max_steps"
+        if stop_reason:
+            break
+        if parts.stop_requested():
+            if step != start_step or not parts.resumed:
+                parts.save_checkpoint(step)
+            stop_reason = "interrupted"
+            break
+
+        # 3. Forward/backward over the micro-batches; accelerate all-reduces gradients on the last one only.
+        step_started = time.perf_counter()
+        model.train()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(args.gradient_accumulation_steps):
+            input_ids = next(batches)["input_ids"]
+            if parts.on_batch is not None:
+                parts.on_batch(step, input_ids)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                accelerator.backward(loss)  # divided by the accumulation steps inside
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+
+        # 4. Clip; a non-finite loss or gradient stops before the optimizer can spread it into the weights.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+        parts.last_loss = step_loss.item()
+        if not math.isfinite(parts.last_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            stop_reason = "non_finite_loss"
+            break
+
+        # 5. Step.
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens_seen += parts.tokens_per_step
+        window_seconds += time.perf_counter() - step_started
+
+        # 6. Log: mean loss and throughput over the steps since the last log line.
+        window_losses.append(parts.last_loss)
+        if progress.step % args.log_steps == 0 or progress.step == max_steps:
+            tokens_per_second = len(window_losses) * parts.tokens_per_step / max(window_seconds, 1e-9)
+            train_loss = sum(window_losses) / len(window_losses)
+            parts.log(
+                {
+                    "step": progress.step,
+                    "tokens_seen": progress.tokens_seen,
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    "tokens_per_second": tokens_per_second,
+                }
+            )
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            window_losses, window_seconds = [], 0.0  # training time only: evaluation and checkpoints do not count
+        bar.update(1)
+    bar.close()
+    return stop_reason
+
+
+def batch_stream(dataloader: DataLoader, accelerator: Accelerator, progress: TrainingProgress) -> Iterator[dict]:
+    """Endless micro-batches, epoch after epoch, starting at `progress`'s (epoch, batches_in_epoch) position."""
+    while True:
+        # The seedable sampler shuffles with seed + epoch: any process, any restart, same order.
+        dataloader.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch in loader:
+            progress.batches_in_epoch += 1
+            yield batch
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+@torch.no_grad()
+def evaluate_model(
+    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, metric, characters_per_token=None
+) -> dict:
+    """Validation loss, perplexity and bits, pooled over every token of `dataloader` on every process."""
+    was_training = model.training
+    model.eval()
+    for batch in dataloader:
+        input_ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        token_nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+        )  # (B, T-1)
+        # Per sequence, so that gather_for_metrics can drop the padding samples of an uneven last batch.
+        sequence_nll = accelerator.gather_for_metrics(token_nll.sum(dim=1).double())
+        metric.add_batch(nll_sum=sequence_nll.tolist(), num_tokens=[token_nll.shape[1]] * len(sequence_nll))
+    result = metric.compute(characters_per_token=characters_per_token)
+    model.train(was_training)
+    metrics = {
+        "val_loss": result["loss"],
+        "val_perplexity": result["perplexity"],
+        "val_bits_per_token": result["bits_per_token"],
+    }
+    if result["bits_per_character"] is not None:
+        metrics["val_bits_per_char"] = result["bits_per_character"]
+    return metrics

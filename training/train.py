@@ -1,0 +1,672 @@
+"""`hybrid-lm train`: train a hybrid RNN + attention (or GPT-2 baseline) language model with accelerate.
+
+    hybrid-lm train                                   # small model on the built-in python-docs corpus
+    hybrid-lm train --dataset input.txt --max-steps 2000 --output-dir runs/shakespeare
+    hybrid-lm train runs/shakespeare/training_args.yaml --max-steps 4000 --resume-from-checkpoint latest
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no -m training.train --max-steps 200
+
+The output folder holds the best model and its tokenizer (`from_pretrained`-ready), metrics.jsonl,
+results.json, loss_curve.png, training_args.yaml and checkpoints/. `run_training` is the same thing from Python.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, LoggerType, set_seed
+from torch.utils.data import DataLoader
+
+from training.arguments import (
+    DEFAULT_MAX_STEPS,
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    parse_arguments,
+    parse_attention_layers,
+    write_arguments_yaml,
+)
+from training.checkpoints import (
+    checkpoint_step,
+    remove_checkpoints_after,
+    remove_temporary_folders,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from training.errors import UserError
+from training.loop import LoopParts, TrainingProgress, evaluate_model, train_loop
+from training.plots import plot_loss_curve, read_metrics
+
+logger = logging.getLogger("training.train")
+
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "language_modeling"
+RUN_FILES = ("metrics.jsonl", "results.json", "training_args.yaml", "loss_curve.png")
+_TRACKER_CHECKS = {
+    "tensorboard": "is_tensorboard_available",
+    "wandb": "is_wandb_available",
+    "comet_ml": "is_comet_ml_available",
+    "aim": "is_aim_available",
+    "mlflow": "is_mlflow_available",
+    "clearml": "is_clearml_available",
+    "dvclive": "is_dvclive_available",
+    "swanlab": "is_swanlab_available",
+    "trackio": "is_trackio_available",
+}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, train_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    try:
+        results = run_training(model_args, data_args, train_args)
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return 130
+    finally:
+        PartialState().destroy_process_group()
+    if not PartialState().is_main_process:
+        return 0
+    if results["stopped_reason"] == "non_finite_loss":
+        print(f"error: {results['message']}", file=sys.stderr)
+        return 1
+    print(
+        f"\nvalidation perplexity {results['val_perplexity']:.3f} (loss {results['best_val_loss']:.4f} nats/token, "
+        f"best at step {results['best_step']}); model saved to {results['output_dir']}"
+    )
+    if results.get("sample") is not None:
+        print(f"sample:\n{results['sample']}")
+    return 0
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainArguments,
+    *,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+) -> dict:
+    """Trains one model and writes its output folder; returns the content of results.json.
+
+    `on_batch(step, input_ids)` sees every micro-batch of this process (e.g. to check data sharding).
+    Raises `TrainingInterrupted` on Ctrl-C (after saving a checkpoint) and `UserError` on bad input.
+    """
+    started = time.perf_counter()
+    accelerator, output_dir = build_accelerator(train_args)
+    resume_from = prepare_output_dir(accelerator, output_dir, train_args)
+    if accelerator.is_main_process:
+        used = dataclasses.replace(train_args, output_dir=str(output_dir))
+        write_arguments_yaml(output_dir / "training_args.yaml", model_args, data_args, used)
+    set_seed(train_args.seed)
+
+    tokenizer, tokenized = prepare_data(
+        accelerator, data_args, model_args, output_dir, resumed=resume_from is not None
+    )
+    model = build_model(model_args, tokenizer, data_args.block_size)
+    optimizer = build_optimizer(model, train_args)
+    loader_seed = torch.Generator().manual_seed(train_args.seed)
+    train_dataloader = DataLoader(
+        tokenized["train"],
+        batch_size=train_args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=_collate,
+        generator=loader_seed,
+    )
+    validation = tokenized["validation"]
+    if train_args.eval_batches:  # the same first blocks at every evaluation, so the numbers are comparable
+        wanted = train_args.eval_batches * train_args.batch_size * accelerator.num_processes
+        validation = validation.select(range(min(wanted, len(validation))))
+    val_dataloader = DataLoader(validation, batch_size=train_args.batch_size, collate_fn=_collate)
+    if len(train_dataloader) == 0:
+        raise UserError(
+            f"the training split has {len(tokenized['train'])} blocks of {data_args.block_size} tokens, fewer than "
+            f"one batch of {train_args.batch_size}; lower --batch-size or --block-size, or use more data"
+        )
+    model, optimizer, train_dataloader, val_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, val_dataloader
+    )
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, output_dir)
+
+    max_steps = resolve_max_steps(train_args, len(train_dataloader))
+    tokens_per_step = (
+        train_args.batch_size
+        * data_args.block_size
+        * train_args.gradient_accumulation_steps
+        * accelerator.num_processes
+    )
+    stats = getattr(tokenized, "stats", {}).get("validation")
+    characters_per_token = stats.characters_per_token if stats is not None else None
+    metric = load_metric(accelerator)
+    metrics_file = output_dir / "metrics.jsonl"
+
+    def log(row: dict) -> None:
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as stream:
+                stream.write(json.dumps(row) + "\n")
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def save_best_model() -> None:
+        save_model_folder(accelerator, model, output_dir)
+
+    interrupt = _InterruptFlag(accelerator)
+    parts = LoopParts(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        train_dataloader=train_dataloader,
+        lr_multiplier=lr_schedule(train_args, optimizer, max_steps),
+        evaluate=lambda: evaluate_model(accelerator, model, val_dataloader, metric, characters_per_token),
+        save_best_model=save_best_model,
+        save_checkpoint=lambda step: save_checkpoint(accelerator, output_dir, step, train_args.checkpoint_limit),
+        log=log,
+        stop_requested=interrupt.is_set,
+        tokens_per_step=tokens_per_step,
+        resumed=resume_from is not None,
+        on_batch=on_batch,
+    )
+    with interrupt.installed():
+        stopped_reason = train_loop(parts, progress, train_args, max_steps)
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if stopped_reason == "interrupted":
+        raise TrainingInterrupted(
+            f"interrupted at step {progress.step}: checkpoint saved in {output_dir / 'checkpoints'}; continue with "
+            f"`hybrid-lm train {output_dir / 'training_args.yaml'} --resume-from-checkpoint latest`"
+        )
+
+    main_process = accelerator.is_main_process  # metrics.jsonl is written (and read back) by the main process only
+    results = {
+        "output_dir": str(output_dir),
+        "best_step": progress.best_step,
+        "best_val_loss": progress.best_val_loss,
+        **(_best_eval_metrics(metrics_file, progress.best_step) if main_process else {}),
+        "train_tokens": progress.tokens_seen,
+        "wall_time_s": time.perf_counter() - started,
+        "tokens_per_second": _mean_throughput(metrics_file) if main_process else None,
+        **count_parameters(accelerator.unwrap_model(model)),
+        "dataset": data_args.dataset,
+        "tokenizer": _tokenizer_kind(tokenizer),
+        "architecture": architecture_of(accelerator.unwrap_model(model)),
+        "num_processes": accelerator.num_processes,
+        "steps": progress.step,
+        "stopped_reason": stopped_reason,
+    }
+    if stopped_reason == "non_finite_loss":
+        last_good = [p for p in sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)]
+        results["message"] = (
+            f"training stopped at step {progress.step + 1}: the loss is {parts.last_loss} (not finite); no checkpoint "
+            f"was written after it, the last good one is {last_good[-1] if last_good else 'none'}; resume from it "
+            "with a lower --learning-rate (and/or --max-grad-norm 1.0) via --resume-from-checkpoint"
+        )
+    if main_process:
+        finish_output_folder(output_dir, results, train_args)
+    accelerator.wait_for_everyone()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Setup
+# ------------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args: TrainArguments) -> tuple[Accelerator, Path]:
+    """The Accelerator of this run and the run's output folder (the same on every process)."""
+    check_mixed_precision(args.mixed_precision)
+    trackers = check_trackers(args.report_to)
+    # One process may run several trainings (a sweep): forget the previous run's precision/accumulation settings.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        # Accumulation follows our step count only: a step never straddles two epochs differently on resume.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        # Shuffling from a seed + epoch generator makes mid-epoch resume exact (see loop.batch_stream).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with=trackers,
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise UserError(
+            f"WORLD_SIZE={world_size} but this process trains alone (accelerate found no distributed setup), so "
+            f"{world_size} independent copies would write the same output; on CPU launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 "
+            "--mixed_precision no --dynamo_backend no -m training.train ...`"
+        )
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(accelerator)
+    accelerator.project_configuration.set_directories(str(output_dir))
+    accelerator.project_configuration.logging_dir = str(output_dir / "logs")
+    if trackers:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(output_dir.name, config=config)
+    return accelerator, output_dir
+
+
+def default_output_dir(accelerator: Accelerator) -> Path:
+    """runs/hybrid-lm-<time>, with the main process's clock so that every process writes to the same folder."""
+    from accelerate.utils import broadcast_object_list
+
+    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(stamp, from_process=0)
+    return Path("runs") / f"hybrid-lm-{stamp[0]}"
+
+
+def check_mixed_precision(mode: str) -> None:
+    if mode == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "--mixed-precision fp16 needs a CUDA GPU and none is available; use --mixed-precision bf16 "
+            "(CPU autocast) or no"
+        )
+    if mode == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError("--mixed-precision bf16: this GPU does not support bfloat16; use fp16 or no")
+
+
+def check_trackers(report_to: str) -> list[str] | None:
+    """`none` / `tensorboard,wandb` -> tracker names for accelerate; a missing package is an error, not a warning."""
+    names = [name.strip().lower() for name in report_to.split(",") if name.strip()]
+    if not names or names == ["none"]:
+        return None
+    known = [tracker.value for tracker in LoggerType]
+    for name in names:
+        if name not in known or name == "none":
+            raise UserError(
+                f"--report-to {name!r} is not a tracker accelerate knows; choose from: none, {', '.join(known)}"
+            )
+        check = _TRACKER_CHECKS.get(name)
+        if check is not None:
+            import accelerate.utils
+
+            if not getattr(accelerate.utils, check)():
+                raise UserError(
+                    f"--report-to {name}: the {name} package is not installed; `pip install {name}` or use "
+                    "--report-to none"
+                )
+    return names
+
+
+def prepare_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArguments) -> Path | None:
+    """Creates the output folder; returns the checkpoint to resume from, if any (refusing to clobber a run)."""
+    resume_from = None
+    if args.resume_from_checkpoint:
+        resume_from = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    elif any((output_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
+        if not args.overwrite_output_dir:
+            raise UserError(
+                f"{output_dir} already holds a training run; continue it with --resume-from-checkpoint latest, "
+                "replace it with --overwrite-output-dir, or choose another --output-dir"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporary_folders(output_dir)
+        for stale in output_dir.glob(".tmp-model*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArguments, output_dir: Path, resumed: bool):
+    """Corpus -> tokenizer (built, or reloaded from the run being resumed) -> fixed-length token blocks."""
+    from training.data import load_corpus, tokenize_corpus, training_texts
+    from training.tokenization import build_tokenizer
+
+    max_length = data_args.block_size if model_args.architecture == "gpt2" else max(1024, data_args.block_size)
+    with accelerator.main_process_first():
+        corpus = load_corpus(
+            data_args.dataset,
+            dataset_config=data_args.dataset_config,
+            text_column=data_args.text_column,
+            validation_fraction=data_args.validation_fraction,
+        )
+        if resumed and (output_dir / "tokenizer_config.json").is_file():
+            tokenizer = build_tokenizer(str(output_dir), model_max_length=max_length)
+        else:
+            tokenizer = build_tokenizer(
+                data_args.tokenizer, training_texts(corpus["train"]), data_args.vocab_size, max_length
+            )
+        tokenized = tokenize_corpus(corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc)
+    if accelerator.is_main_process and not resumed:
+        tokenizer.save_pretrained(output_dir)
+    return tokenizer, tokenized
+
+
+def _collate(examples: list[dict]) -> dict:
+    from training.data import collate_blocks
+
+    return {"input_ids": collate_blocks(examples)["input_ids"]}
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    """The model at the requested size, its vocabulary and special tokens taken from the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    import hybrid_rnn_lm  # noqa: F401  (registers the hybrid model with the Auto classes)
+    from hybrid_rnn_lm import HybridRnnLmConfig
+
+    special = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    try:
+        if model_args.model_config is not None:
+            config = _load_model_config(model_args.model_config, AutoConfig)
+            for name, value in special.items():
+                setattr(config, name, value)
+        elif model_args.architecture == "gpt2":
+            config = GPT2Config(
+                n_embd=model_args.hidden_size,
+                n_layer=model_args.num_hidden_layers,
+                n_head=model_args.num_attention_heads,
+                n_inner=model_args.intermediate_size,
+                n_positions=block_size,
+                resid_pdrop=model_args.hidden_dropout,
+                embd_pdrop=model_args.hidden_dropout,
+                attn_pdrop=model_args.attention_dropout,
+                tie_word_embeddings=True,
+                **special,
+            )
+        else:
+            config = HybridRnnLmConfig(
+                hidden_size=model_args.hidden_size,
+                num_hidden_layers=model_args.num_hidden_layers,
+                rnn_type=model_args.rnn_type,
+                num_attention_heads=model_args.num_attention_heads,
+                attention_layers=parse_attention_layers(model_args.attention_layers),
+                attention_window=model_args.attention_window,
+                intermediate_size=model_args.intermediate_size,
+                hidden_dropout=model_args.hidden_dropout,
+                attention_dropout=model_args.attention_dropout,
+                use_residual=model_args.use_residual,
+                **special,
+            )
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as error:
+        raise UserError(f"invalid model configuration: {error}") from None
+
+
+def _load_model_config(path: str, auto_config):
+    location = Path(path)
+    folder = location.parent if location.is_file() else location
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model-config {path}: no config.json there; pass a config.json or a folder holding one")
+    if location.is_file() and location.name != "config.json":
+        raise UserError(f"--model-config {path}: the file must be named config.json (or pass its folder)")
+    try:
+        return auto_config.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"--model-config {path} cannot be read ({str(error).splitlines()[0]}); fix the file") from None
+
+
+def build_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: norms, biases and embeddings are not pulled towards zero."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for parameter in model.parameters():  # tied weights are yielded once
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 and id(parameter) not in embeddings else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99))
+
+
+def lr_schedule(args: TrainArguments, optimizer, max_steps: int) -> Callable[[int], float]:
+    """step -> fraction of the peak learning rate, from transformers.get_scheduler's schedule of that name."""
+    from transformers import get_scheduler
+
+    name = args.lr_scheduler
+    if name == "constant" and args.warmup_steps:
+        name = "constant_with_warmup"  # transformers' "constant" ignores warmup
+    specific = {}
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        specific["min_lr_rate"] = args.min_lr_rate
+    if name == "warmup_stable_decay":
+        specific["num_decay_steps"] = max(1, max_steps // 5)
+    scheduler = get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=args.warmup_steps,
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=specific,
+    )
+    multiplier = scheduler.lr_lambdas[0]
+    for group in optimizer.param_groups:  # the scheduler's constructor moved them; the loop sets lr every step
+        group["lr"] = args.learning_rate
+    return multiplier
+
+
+def resolve_max_steps(args: TrainArguments, batches_per_epoch: int) -> int:
+    if args.max_steps is not None:
+        return args.max_steps
+    if args.epochs is not None:
+        return max(1, math.ceil(args.epochs * batches_per_epoch / args.gradient_accumulation_steps))
+    return DEFAULT_MAX_STEPS
+
+
+def load_metric(accelerator: Accelerator):
+    import evaluate
+
+    # From the repository, by path: evaluate never goes to the Hub for it. Main process first: it copies the
+    # module into its cache folder.
+    with accelerator.main_process_first():
+        return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, output_dir: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(
+            f"{checkpoint} does not fit the model being built ({str(error).strip().splitlines()[0]}); resume with "
+            f"the arguments it was trained with: `hybrid-lm train {output_dir / 'training_args.yaml'} "
+            "--resume-from-checkpoint ...`"
+        ) from None
+    step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:
+        removed = remove_checkpoints_after(output_dir, step)
+        if removed:
+            logger.warning("resuming from step %d: removed newer checkpoints %s", step, [p.name for p in removed])
+        _truncate_metrics(output_dir / "metrics.jsonl", step)
+    accelerator.wait_for_everyone()
+    logger.info("resumed from %s (step %d)", checkpoint, step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops rows a killed run logged after its last checkpoint: the resumed run logs those steps again."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def save_model_folder(accelerator: Accelerator, model, output_dir: Path) -> None:
+    """save_pretrained into the output folder, file by file through a temporary folder (each file is atomic)."""
+    if accelerator.is_main_process:
+        temporary = output_dir / ".tmp-model"
+        shutil.rmtree(temporary, ignore_errors=True)
+        with _quiet_progress_bars():  # one bar per save would bury the training bar
+            accelerator.unwrap_model(model).save_pretrained(temporary)
+        for file in sorted(temporary.iterdir(), key=lambda f: f.name == "model.safetensors"):
+            os.replace(file, output_dir / file.name)
+        temporary.rmdir()
+    accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def count_parameters(model) -> dict:
+    """Parameters, and those outside token/position embeddings (as nanoGPT and scaling-law papers count)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embeddings.add(id(output.weight))
+    parameters = list(model.parameters())  # deduplicated: a tied head counts once
+    total = sum(p.numel() for p in parameters)
+    return {
+        "num_parameters": total,
+        "num_non_embedding_parameters": total - sum(p.numel() for p in parameters if id(p) in embeddings),
+    }
+
+
+def architecture_of(model) -> str:
+    return "gpt2" if model.config.model_type == "gpt2" else "hybrid"
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    from training.tokenization import tokenizer_kind
+
+    return tokenizer_kind(tokenizer)
+
+
+def _best_eval_metrics(metrics_file: Path, best_step: int) -> dict:
+    """The validation numbers of the best evaluation (val_bits_per_char is null for non-char tokenizers)."""
+    evals = [row for row in read_metrics(metrics_file) if "val_loss" in row and row["step"] == best_step]
+    best = evals[-1] if evals else {}
+    return {
+        "val_perplexity": best.get("val_perplexity"),
+        "val_bits_per_token": best.get("val_bits_per_token"),
+        "val_bits_per_char": best.get("val_bits_per_char") if best and "val_bits_per_char" in best else None,
+    }
+
+
+def _mean_throughput(metrics_file: Path) -> float | None:
+    rows = [row["tokens_per_second"] for row in read_metrics(metrics_file) if "tokens_per_second" in row]
+    return sum(rows) / len(rows) if rows else None
+
+
+def finish_output_folder(output_dir: Path, results: dict, train_args: TrainArguments) -> None:
+    """Sample, plot, results.json and the model card (main process)."""
+    if results["stopped_reason"] != "non_finite_loss" and train_args.sample_tokens and results["best_step"] >= 0:
+        results["sample"] = generate_sample(output_dir, train_args)
+    plot_loss_curve(read_metrics(output_dir / "metrics.jsonl"), output_dir / "loss_curve.png", title=output_dir.name)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_model_card(output_dir)
+
+
+def generate_sample(output_dir: Path, args: TrainArguments) -> str:
+    """Text from the saved best model, loaded back the way a user would load it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+        model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    prompt = tokenizer(args.sample_prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    if prompt.shape[1] == 0:
+        prompt = torch.tensor([[tokenizer.bos_token_id]])
+    new_tokens = args.sample_tokens
+    limit = getattr(model.config, "n_positions", None)  # GPT-2 cannot go past its position table
+    if limit is not None:
+        new_tokens = max(0, min(new_tokens, limit - prompt.shape[1]))
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        output = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            do_sample=True,
+            top_k=50,
+            temperature=0.8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def write_model_card(output_dir: Path) -> None:
+    try:
+        from training.card import write_card
+    except ImportError as error:
+        if error.name not in ("training.card",):
+            logger.warning("model card not written: training.card failed to import: %s", error)
+        return
+    try:
+        write_card(output_dir)
+    except Exception as error:  # the trained model is saved either way; say why its card is missing
+        logger.warning(
+            "model card not written (%s: %s); retry with `hybrid-lm card %s`", type(error).__name__, error, output_dir
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ctrl-C
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _InterruptFlag:
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.raised = False
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        if self.accelerator.is_main_process:
+            print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr)
+
+    def is_set(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.raised
+        flag = torch.tensor([float(self.raised)], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max() > 0)  # stop together: saving a checkpoint is collective
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+if __name__ == "__main__":
+    # `accelerate launch -m training.train ...`: the same command line as `hybrid-lm train ...`.
+    from training.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
