@@ -1,0 +1,200 @@
+"""`hybrid-lm eval`: validation loss, perplexity and bits of a saved model on a corpus.
+
+The numbers come from the training loop's own evaluation (`training.loop.evaluate_model` with the
+`language_modeling` metric loaded by path) over the same blocks the training run used, so a run's best
+validation loss is reproduced exactly. Dataset, block size and batch size default to the run's
+`training_args.yaml` when the model folder has one.
+
+Bits per character = total nats / characters / ln 2, with the split's character-per-token ratio (for
+`--max-batches` it is the whole split's ratio, as in training).
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.errors import UserError
+from training.generate import arg, load_model_and_tokenizer, parse_command
+
+SPLITS = ("validation", "train")
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass
+class EvalArguments:
+    """Which model, which data, how much of it."""
+
+    model: str = arg(help="a saved model folder (output of `hybrid-lm train` or save_pretrained)")
+    dataset: str | None = arg(
+        None, "a text file, folder or glob, a Hub dataset or python-docs; unset = the run's dataset"
+    )
+    dataset_config: str | None = arg(None, "configuration of a Hub dataset; unset = the run's")
+    text_column: str | None = arg(None, "column holding the text in tabular data; unset = the run's, else text")
+    validation_fraction: float | None = arg(
+        None, "held-out share when the data has no validation split; unset = the run's, else 0.1"
+    )
+    split: str = arg("validation", f"split to evaluate: {', '.join(SPLITS)}")
+    block_size: int | None = arg(None, f"tokens per sequence; unset = the run's, else {DEFAULT_BLOCK_SIZE}")
+    batch_size: int | None = arg(None, f"sequences per batch; unset = the run's, else {DEFAULT_BATCH_SIZE}")
+    max_batches: int | None = arg(None, "evaluate only the first this many batches; unset or 0 = the whole split")
+    output: str | None = arg(None, "also write the results as JSON to this file")
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise UserError(f"--split {self.split!r} is not known; choose one of: {', '.join(SPLITS)}")
+        for name in ("block_size", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.max_batches is not None and self.max_batches < 0:
+            raise UserError(f"--max-batches must be >= 0, got {self.max_batches}")
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise UserError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}")
+
+
+@dataclass
+class DataSettings:
+    """What `hybrid-lm train` would read: flags first, then the run's training_args.yaml, then defaults."""
+
+    dataset: str
+    dataset_config: str | None
+    text_column: str
+    validation_fraction: float
+    block_size: int
+    batch_size: int
+
+
+def resolve_settings(args: EvalArguments, model_dir: Path) -> DataSettings:
+    run = read_training_args(model_dir)
+
+    def pick(name: str, default):
+        value = getattr(args, name)
+        return value if value is not None else run.get(name, default)
+
+    dataset = pick("dataset", None)
+    if dataset is None:
+        raise UserError(
+            f"--dataset is needed: {model_dir} has no training_args.yaml naming the data it was trained on; "
+            "pass a text file, folder, Hub dataset or python-docs"
+        )
+    return DataSettings(
+        dataset=str(dataset),
+        dataset_config=pick("dataset_config", None),
+        text_column=pick("text_column", "text"),
+        validation_fraction=pick("validation_fraction", 0.1),
+        block_size=pick("block_size", DEFAULT_BLOCK_SIZE),
+        batch_size=pick("batch_size", DEFAULT_BATCH_SIZE),
+    )
+
+
+def read_training_args(model_dir: Path) -> dict:
+    path = model_dir / "training_args.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML ({error}); fix it or pass --dataset/--block-size") from None
+    return values if isinstance(values, dict) else {}
+
+
+def check_block_size(model, block_size: int) -> None:
+    limit = getattr(model.config, "n_positions", None)  # GPT-2 baselines have a position table; ours has none
+    if limit is not None and block_size > limit:
+        raise UserError(
+            f"--block-size {block_size} exceeds this model's {limit} positions; use --block-size <= {limit}"
+        )
+
+
+def evaluate_folder(args: EvalArguments) -> dict:
+    """Loads the model and the data, runs the training loop's evaluation, returns the metrics."""
+    from training.data import collate_blocks, load_corpus, tokenize_corpus
+    from training.loop import evaluate_model
+    from training.train import load_metric
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model_dir = Path(args.model).expanduser()
+    settings = resolve_settings(args, model_dir)
+    check_block_size(model, settings.block_size)
+    corpus = load_corpus(
+        settings.dataset,
+        dataset_config=settings.dataset_config,
+        text_column=settings.text_column,
+        validation_fraction=settings.validation_fraction,
+    )
+    tokenized = tokenize_corpus(type(corpus)({args.split: corpus[args.split]}), tokenizer, settings.block_size)
+    blocks = tokenized[args.split]
+    if args.max_batches:  # the first blocks, as the training run's evaluation takes them
+        blocks = blocks.select(range(min(args.max_batches * settings.batch_size, len(blocks))))
+    accelerator = Accelerator()
+    dataloader = DataLoader(blocks, batch_size=settings.batch_size, collate_fn=collate_blocks)
+    model, dataloader = accelerator.prepare(model, dataloader)
+    stats = tokenized.stats[args.split]
+    batches = tqdm(dataloader, desc=f"evaluating {args.split}", unit="batch", disable=not accelerator.is_main_process)
+    metrics = evaluate_model(accelerator, model, batches, load_metric(accelerator), stats.characters_per_token)
+    return {
+        "model": str(model_dir),
+        "dataset": settings.dataset,
+        "split": args.split,
+        "block_size": settings.block_size,
+        "blocks": len(blocks),
+        "tokens_evaluated": len(blocks) * (settings.block_size - 1),
+        "loss": metrics["val_loss"],
+        "perplexity": metrics["val_perplexity"],
+        "bits_per_token": metrics["val_bits_per_token"],
+        "bits_per_character": metrics.get("val_bits_per_char"),
+    }
+
+
+def markdown_table(results: dict) -> str:
+    rows = [
+        ("loss (nats/token)", f"{results['loss']:.6f}"),
+        ("perplexity", f"{results['perplexity']:.4f}"),
+        ("bits per token", f"{results['bits_per_token']:.6f}"),
+        (
+            "bits per character",
+            "n/a" if results["bits_per_character"] is None else f"{results['bits_per_character']:.6f}",
+        ),
+        ("tokens evaluated", f"{results['tokens_evaluated']:,}"),
+        ("blocks x block size", f"{results['blocks']} x {results['block_size']}"),
+    ]
+    title = f"{results['model']} on {results['dataset']} ({results['split']})"
+    lines = [f"### {title}", "", "| metric | value |", "| --- | ---: |"]
+    return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+
+
+def write_json_atomically(path: str | Path, data: dict) -> None:
+    """The file is complete or absent: written beside its destination, then renamed over it."""
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise UserError(f"--output {path}: folder {target.parent} does not exist; create it or pick another path")
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str]) -> int:
+    args = parse_command(
+        EvalArguments, argv, "hybrid-lm eval", "Validation loss, perplexity and bits of a saved model on a corpus."
+    )
+    if args.output is not None and not Path(args.output).expanduser().parent.is_dir():
+        raise UserError(f"--output {args.output}: its folder does not exist; create it or pick another path")
+    results = evaluate_folder(args)
+    print(markdown_table(results))
+    if args.output is not None:
+        write_json_atomically(args.output, results)
+        print(f"\nresults written to {args.output}")
+    return 0

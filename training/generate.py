@@ -1,0 +1,250 @@
+"""`hybrid-lm generate`: text from a saved model, streamed token by token for one prompt, batched for a file.
+
+One prompt (`--prompt`) streams to the terminal as it is produced; `--prompt-file` (one prompt per line) runs in
+left-padded batches and prints each prompt's samples at the end. Prompts are encoded without special tokens
+(a trailing EOS would end generation at once); an empty prompt starts from EOS, the token that precedes every
+document in training. The same `--seed` gives the same text.
+
+This module also holds what the other commands that read a saved model share: `load_model_and_tokenizer`
+and `CommandParser`.
+"""
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TextStreamer, set_seed
+from transformers import logging as transformers_logging
+
+from training.arguments import _ArgumentParser
+from training.errors import UserError
+from training.tokenization import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared by the commands that read a saved model
+# --------------------------------------------------------------------------------------------------------
+
+
+class CommandParser(_ArgumentParser):
+    """HfArgumentParser with dashed flags whose usage errors are one line naming this command's --help."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def parse_command(argument_class: type, argv: list[str], prog: str, description: str):
+    """Flags -> one argument dataclass; unknown flags and bad values are one-line UserErrors."""
+    parser = CommandParser(
+        argument_class, prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    arguments, unknown = parser.parse_args_into_dataclasses(
+        args=list(argv), look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return arguments
+
+
+def arg(default=MISSING, help: str = "", **kwargs):
+    """A dataclass field whose help shows in `--help`; without a default the flag is required."""
+    if default is MISSING:
+        return field(metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def check_model_folder(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"{folder} is not a saved model (no config.json there): pass an output folder of `hybrid-lm train` "
+            "or a folder written by save_pretrained"
+        )
+    import hybrid_rnn_lm  # noqa: F401  (registers the model with the Auto classes)
+
+    return folder
+
+
+def load_model_and_tokenizer(
+    path: str | Path, model_class=AutoModelForCausalLM, **model_kwargs
+) -> tuple[PreTrainedModel, object]:
+    """A saved model (eval mode) and the tokenizer saved beside it; a causal LM refuses a bidirectional encoder."""
+    folder = check_model_folder(path)
+    config = AutoConfig.from_pretrained(folder)
+    if model_class is AutoModelForCausalLM and getattr(config, "bidirectional", False):
+        raise UserError(
+            f"{folder} holds a bidirectional encoder (config.bidirectional=True), which sees the future and cannot "
+            "generate or score text left to right; pass a causal language model folder"
+        )
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
+    transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
+    try:
+        model = model_class.from_pretrained(folder, **model_kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder}: the model could not be loaded ({_first_line(error)}); check the folder") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+    return model.eval(), build_tokenizer(str(folder))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateArguments:
+    """What to generate from, and how to sample."""
+
+    model: str = arg(help="a saved model folder (output of `hybrid-lm train` or save_pretrained)")
+    prompt: str | None = arg(None, "the prompt; an empty string starts a new document")
+    prompt_file: str | None = arg(None, "a text file with one prompt per line (blank lines skipped), run in batches")
+    max_new_tokens: int = arg(200, "tokens to generate per sample (fewer if EOS comes first)")
+    temperature: float = arg(0.8, "sampling temperature; lower is more conservative")
+    top_k: int | None = arg(None, "sample only among the k most likely tokens; unset = all")
+    top_p: float | None = arg(None, "sample only within the smallest set of tokens whose probability reaches p")
+    repetition_penalty: float = arg(1.0, "> 1 discourages repeating tokens already in the text")
+    num_samples: int = arg(1, "samples per prompt")
+    seed: int | None = arg(None, "random seed: the same seed gives the same text; unset = different every run")
+    greedy: bool = arg(False, "always take the most likely token (no sampling; ignores temperature/top-k/top-p)")
+    ignore_eos: bool = arg(False, "generate exactly --max-new-tokens, never stopping at the end-of-document token")
+    batch_size: int = arg(16, "prompts per batch with --prompt-file")
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise UserError("give exactly one of --prompt TEXT or --prompt-file FILE")
+        for name in ("max_new_tokens", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.greedy and self.num_samples > 1:
+            raise UserError("--greedy gives one text per prompt: drop --greedy to sample several, or --num-samples")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}; use --greedy for deterministic text")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}; 1.0 disables it")
+
+
+@dataclass
+class Generation:
+    prompt: str
+    samples: list[str]  # prompt + continuation, one per sample
+
+
+def generation_kwargs(args: GenerateArguments, tokenizer) -> dict:
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if args.ignore_eos:
+        kwargs["min_new_tokens"] = args.max_new_tokens  # EOS is masked out until then
+    if args.greedy:
+        return {**kwargs, "do_sample": False}
+    # top_k=0 and top_p=1.0 switch those filters off (the generation config would otherwise apply top_k=50).
+    return {
+        **kwargs,
+        "do_sample": True,
+        "temperature": args.temperature,
+        "top_k": args.top_k or 0,
+        "top_p": args.top_p or 1.0,
+    }
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if unknown is not None and unknown in ids:
+        missing = sorted({c for c in prompt if tokenizer(c, add_special_tokens=False)["input_ids"] == [unknown]})
+        logger.warning(
+            "the prompt has characters the tokenizer does not know (%s): they become %s",
+            "".join(missing),
+            tokenizer.unk_token,
+        )
+    # An empty prompt starts where every training document starts: right after an EOS.
+    return ids or [tokenizer.eos_token_id]
+
+
+def decode_continuation(tokenizer, prompt: str, output_ids: torch.Tensor, prompt_length: int) -> str:
+    return prompt + tokenizer.decode(output_ids[prompt_length:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def stream_samples(model, tokenizer, prompt: str, args: GenerateArguments, out=sys.stdout) -> Generation:
+    """One prompt: each sample is printed token by token while it is generated."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
+    samples = []
+    for index in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {index + 1} ---", file=out, flush=True)
+        print(prompt, end="", file=out, flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output = model.generate(
+            ids, attention_mask=torch.ones_like(ids), streamer=streamer, **generation_kwargs(args, tokenizer)
+        )
+        samples.append(decode_continuation(tokenizer, prompt, output[0], ids.shape[1]))
+    return Generation(prompt, samples)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], args: GenerateArguments) -> list[Generation]:
+    """Several prompts in one left-padded batch (padding never changes a row's result)."""
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    batch = tokenizer.pad({"input_ids": encoded}, padding_side="left", return_tensors="pt").to(model.device)
+    output = model.generate(**batch, num_return_sequences=args.num_samples, **generation_kwargs(args, tokenizer))
+    width = batch["input_ids"].shape[1]
+    rows = output.view(len(prompts), args.num_samples, -1)  # (prompts, samples, width + new)
+    return [
+        Generation(prompt, [decode_continuation(tokenizer, prompt, row, width) for row in rows[i]])
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--prompt-file {path} does not exist: give a text file with one prompt per line")
+    prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompt-file {path} holds no prompts: write one prompt per line")
+    return prompts
+
+
+def run(args: GenerateArguments, out=sys.stdout) -> list[Generation]:
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.prompt is not None:
+        return [stream_samples(model, tokenizer, args.prompt, args, out)]
+    prompts = read_prompts(args.prompt_file)
+    results = []
+    for start in range(0, len(prompts), args.batch_size):
+        results += generate_batch(model, tokenizer, prompts[start : start + args.batch_size], args)
+    for number, result in enumerate(results, start=1):
+        for index, sample in enumerate(result.samples, start=1):
+            suffix = f", sample {index}" if args.num_samples > 1 else ""
+            print(f"### prompt {number}{suffix}\n{sample}\n", file=out, flush=True)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    args = parse_command(GenerateArguments, argv, "hybrid-lm generate", "Generate text from a saved model.")
+    run(args)
+    return 0
