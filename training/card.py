@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -213,12 +214,23 @@ def architecture_rows(run: RunFiles) -> list[tuple[str, str]]:
     return rows
 
 
-def _hybrid_rows(config: dict) -> list[tuple[str, str]]:
-    from hybrid_rnn_lm import HybridRnnLmConfig
+def _saved_hybrid_config(config: dict) -> SimpleNamespace:
+    """The hybrid config with its derived fields, as `config.json` holds them.
 
-    loaded = HybridRnnLmConfig.from_dict(config)
+    `HybridRnnLmConfig` writes `layer_types` (one entry per block; "linear_attention" = recurrent only) and the
+    resolved `intermediate_size` on every save, so a card renders without importing torch or the model package.
+    """
+    if "layer_types" not in config or config.get("intermediate_size") is None:
+        from hybrid_rnn_lm import HybridRnnLmConfig
+
+        config = HybridRnnLmConfig.from_dict(config).to_dict()
+    return SimpleNamespace(**config)
+
+
+def _hybrid_rows(config: dict) -> list[tuple[str, str]]:
+    loaded = _saved_hybrid_config(config)
     heads, hidden = loaded.num_attention_heads, loaded.hidden_size
-    indices = loaded.attention_layer_indices
+    indices = [i for i, kind in enumerate(loaded.layer_types) if kind != "linear_attention"]
     window = loaded.attention_window
     rows = [
         ("Architecture", "hybrid recurrent + attention language model (`HybridRnnLmForCausalLM`)"),

@@ -1,0 +1,245 @@
+"""`hybrid-lm push` against a loopback Hub stand-in, with the real huggingface_hub client in a subprocess.
+
+Checks the exact file set of the commit, that a snapshot of it loads with trust_remote_code where the package
+cannot be imported and generates what the original generates, and the one-line errors.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from tests.hub_server import HubStandIn
+from tests.isolation import REPO_ROOT, run_without_package
+from tests.test_card import train_tiny_run
+from training.hub import select_hub_files
+
+PROMPT = "The "
+NEW_TOKENS = 24
+# Besides the tokenizer files: the Hub-ready set, and the two that go through LFS.
+MODEL_FILES = {
+    "README.md",
+    "config.json",
+    "configuration_hybrid_rnn_lm.py",
+    "generation_config.json",
+    "loss_curve.png",
+    "model.safetensors",
+    "modeling_hybrid_rnn_lm.py",
+}
+LFS_FILES = ["loss_curve.png", "model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture
+def folder(run_folder, tmp_path) -> Path:
+    """The run plus what must never be pushed: a pickle beside the weights, a log, a stray script."""
+    copy = Path(shutil.copytree(run_folder, tmp_path / "tiny-run"))
+    assert any(copy.glob("checkpoints/checkpoint-*/*.pkl")), "the run should hold accelerate checkpoints"
+    torch.save({"weight": torch.zeros(2)}, copy / "pytorch_model.bin")
+    (copy / "train.log").write_text("step 1 loss 4.5\n")
+    (copy / "scratch.py").write_text("print('not part of the model')\n")
+    return copy
+
+
+@pytest.fixture
+def hub():
+    with HubStandIn() as server:
+        yield server
+
+
+def hub_file_set(folder: Path) -> set[str]:
+    tokenizer = {p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens_map"))}
+    assert "tokenizer.json" in tokenizer
+    return MODEL_FILES | tokenizer
+
+
+def client_env(env: dict[str, str]) -> dict[str, str]:
+    """This environment without any Hub token of the machine, plus `env` (the stand-in's endpoint and token)."""
+    base = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    return {**base, **env}
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    # A fresh process: huggingface_hub reads HF_ENDPOINT once, at import.
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        cwd=REPO_ROOT,
+        env=client_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def snapshot(repo_id: str, revision: str, local_dir: Path, env: dict[str, str]) -> Path:
+    code = "import sys; from huggingface_hub import snapshot_download; "
+    code += "snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])"
+    result = subprocess.run(
+        [sys.executable, "-c", code, repo_id, revision, str(local_dir)],
+        env=client_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return local_dir
+
+
+def greedy(model, tokenizer) -> tuple[list[int], list[float]]:
+    inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        logits = model(**inputs).logits[0, -1]
+    return output[0].tolist(), logits.tolist()
+
+
+def test_push_commits_exactly_the_hub_files_and_the_download_loads_without_the_package(folder, hub, tmp_path):
+    env = hub.client_env(tmp_path / "hf-home")
+    result = run_cli(["push", str(folder), "--repo-id", "tiny-gru"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (commit,) = hub.commits
+    expected = hub_file_set(folder)
+    assert (commit.repo_id, commit.revision) == ("tester/tiny-gru", "main")
+    assert set(commit.files) == expected
+    assert commit.lfs_paths == LFS_FILES
+    assert all(commit.files[name] == (folder / name).read_bytes() for name in expected)
+    assert 'repo_id = "tester/tiny-gru"' in commit.files["README.md"].decode()
+    assert commit.summary.startswith("Upload model trained with hybrid-lm (validation loss ")
+    assert f"commit {commit.oid}" in result.stdout
+
+    downloaded = snapshot("tester/tiny-gru", "main", tmp_path / "download", env)
+    assert {p.name for p in downloaded.iterdir() if p.name != ".cache"} == expected | {".gitattributes"}
+
+    code = f"""
+    import json, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)
+    path = {str(downloaded)!r}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, use_safetensors=True).eval()
+    inputs = tokenizer({PROMPT!r}, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens={NEW_TOKENS}, do_sample=False)
+        logits = model(**inputs).logits[0, -1]
+    print(json.dumps({{"module": type(model).__module__, "ids": output[0].tolist(), "logits": logits.tolist()}}))
+    """
+    remote = run_without_package(textwrap.dedent(code), cwd=tmp_path)
+    assert remote["module"].startswith("transformers_modules.")  # the code came from the downloaded folder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same reduction order as the subprocess
+    try:
+        original = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+        ids, logits = greedy(original, AutoTokenizer.from_pretrained(folder))
+    finally:
+        torch.set_num_threads(threads)
+    assert remote["ids"] == ids and len(ids) > NEW_TOKENS
+    torch.testing.assert_close(torch.tensor(remote["logits"]), torch.tensor(logits), atol=1e-5, rtol=1e-5)
+
+
+def test_push_to_a_new_branch_of_a_private_repo_then_an_unchanged_push_adds_no_commit(folder, hub, tmp_path):
+    env = hub.client_env(tmp_path / "hf-home")
+    args = ["push", str(folder), "--repo-id", "tester/tiny-gru", "--private", "--revision", "dev"]
+    first = run_cli([*args, "--commit-message", "First dev build"], env)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    repo = hub.repos["tester/tiny-gru"]
+    assert repo.private and set(repo.branches) == {"main", "dev"}
+    (commit,) = hub.commits
+    assert (commit.revision, commit.summary) == ("dev", "First dev build")
+    assert set(hub.files_at("tester/tiny-gru", "dev")) == hub_file_set(folder) | {".gitattributes"}
+    assert set(hub.files_at("tester/tiny-gru", "main")) == {".gitattributes"}
+    assert 'revision = "dev"' in commit.files["README.md"].decode()
+
+    second = run_cli(args, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(hub.commits) == 1
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def pickle_only_folder(run_folder, tmp_path) -> Path:
+    folder = tmp_path / "pickle-only"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run_folder / name, folder / name)
+    torch.save({"weight": torch.zeros(2)}, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "expected", "requests"),
+    [
+        ("not-logged-in", "error: not logged in to the Hugging Face Hub; run `hf auth login`", []),
+        ("invalid-repo-id", "error: invalid repository id 'bad--name/x' (", []),
+        ("pickle-only", "error: {folder} holds weights only as pickles (pytorch_model.bin)", []),
+        ("rejected-token", "error: the Hub rejected your token (", [("GET", "/api/whoami-v2")]),
+        ("unreachable", "error: could not reach the Hub at http://127.0.0.1:", []),
+    ],
+    ids=lambda value: value if isinstance(value, str) and " " not in value else "",
+)
+def test_push_errors_are_one_line_and_change_nothing(
+    folder, pickle_only_folder, hub, tmp_path, case, expected, requests
+):
+    target, repo_id = folder, "tester/tiny-gru"
+    env = hub.client_env(tmp_path / "hf-home")
+    if case == "not-logged-in":
+        env = hub.client_env(tmp_path / "hf-home", token=None)
+    elif case == "invalid-repo-id":
+        repo_id = "bad--name/x"
+    elif case == "pickle-only":
+        target = pickle_only_folder
+    elif case == "rejected-token":
+        env["HF_TOKEN"] = "hf_not_the_right_token"
+    elif case == "unreachable":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    readme_before = (folder / "README.md").read_bytes()
+
+    result = run_cli(["push", str(target), "--repo-id", repo_id], env)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(expected.format(folder=target)), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert hub.requests == requests and hub.repos == {} and hub.commits == []
+    assert (folder / "README.md").read_bytes() == readme_before
+
+
+def test_gpt2_baseline_folder_pushes_no_code(run_folder, tmp_path):
+    GPT2LMHeadModel(GPT2Config(vocab_size=95, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run_folder / name, tmp_path / name)
+    assert select_hub_files(tmp_path) == ["config.json", "generation_config.json", "model.safetensors"] + sorted(
+        ["tokenizer.json", "tokenizer_config.json"]
+    )
+
+
+def test_no_code_in_the_packages_loads_pickles():
+    # Weights are only ever read as safetensors; a pickle can run arbitrary code when loaded.
+    forbidden = ("torch.load(", "pickle.load", "import pickle", "cloudpickle", "joblib", "import dill")
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {needle}"
+        for package in ("hybrid_rnn_lm", "training")
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        for needle in forbidden
+        if needle in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
