@@ -5,11 +5,13 @@ cannot be imported and generates what the original generates, and the one-line e
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,10 +43,9 @@ def run_folder(tmp_path_factory) -> Path:
     return train_tiny_run(tmp_path_factory.mktemp("hub"))
 
 
-@pytest.fixture
-def folder(run_folder, tmp_path) -> Path:
+def copy_with_clutter(run_folder: Path, destination: Path) -> Path:
     """The run plus what must never be pushed: a pickle beside the weights, a log, a stray script."""
-    copy = Path(shutil.copytree(run_folder, tmp_path / "tiny-run"))
+    copy = Path(shutil.copytree(run_folder, destination))
     assert any(copy.glob("checkpoints/checkpoint-*/*.pkl")), "the run should hold accelerate checkpoints"
     torch.save({"weight": torch.zeros(2)}, copy / "pytorch_model.bin")
     (copy / "train.log").write_text("step 1 loss 4.5\n")
@@ -53,9 +54,34 @@ def folder(run_folder, tmp_path) -> Path:
 
 
 @pytest.fixture
+def folder(run_folder, tmp_path) -> Path:
+    return copy_with_clutter(run_folder, tmp_path / "tiny-run")
+
+
+@pytest.fixture
 def hub():
     with HubStandIn() as server:
         yield server
+
+
+@dataclass
+class Pushed:
+    hub: HubStandIn
+    folder: Path
+    env: dict[str, str]
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def pushed(run_folder, tmp_path_factory):
+    """One `hybrid-lm push DIR --repo-id tiny-gru` (no namespace: the token's user) to a fresh stand-in."""
+    workdir = tmp_path_factory.mktemp("pushed")
+    folder = copy_with_clutter(run_folder, workdir / "tiny-run")
+    with HubStandIn() as hub:
+        env = hub.client_env(workdir / "hf-home")
+        result = run_cli(["push", str(folder), "--repo-id", "tiny-gru"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        yield Pushed(hub, folder, env, result)
 
 
 def hub_file_set(folder: Path) -> set[str]:
@@ -104,11 +130,8 @@ def greedy(model, tokenizer) -> tuple[list[int], list[float]]:
     return output[0].tolist(), logits.tolist()
 
 
-def test_push_commits_exactly_the_hub_files_and_the_download_loads_without_the_package(folder, hub, tmp_path):
-    env = hub.client_env(tmp_path / "hf-home")
-    result = run_cli(["push", str(folder), "--repo-id", "tiny-gru"], env)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+def test_push_commits_exactly_the_hub_files_and_the_download_loads_without_the_package(pushed, tmp_path):
+    hub, folder, env, result = pushed.hub, pushed.folder, pushed.env, pushed.result
     (commit,) = hub.commits
     expected = hub_file_set(folder)
     assert (commit.repo_id, commit.revision) == ("tester/tiny-gru", "main")
@@ -149,6 +172,25 @@ def test_push_commits_exactly_the_hub_files_and_the_download_loads_without_the_p
     torch.testing.assert_close(torch.tensor(remote["logits"]), torch.tensor(logits), atol=1e-5, rtol=1e-5)
 
 
+def test_the_cards_snippet_runs_as_written_against_the_hub_at_a_pinned_commit(pushed, tmp_path):
+    (commit,) = pushed.hub.commits
+    readme = commit.files["README.md"].decode()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+    assert 'revision = "main"' in snippet
+    # The card asks users to pin a reviewed commit; the snippet must work once they do.
+    snippet = snippet.replace('revision = "main"', f'revision = "{commit.oid}"')
+    snippet = snippet.replace("max_new_tokens=200", "max_new_tokens=8")
+    snippet += "import json\nprint(json.dumps({'module': type(model).__module__, 'length': len(output[0])}))\n"
+
+    env = {**client_env(pushed.env), "HF_HOME": str(tmp_path / "fresh-cache"), "HF_HUB_OFFLINE": "0"}
+    first_request = len(pushed.hub.requests)
+    loaded = run_without_package(snippet, cwd=tmp_path, env=env)
+
+    assert loaded["module"].startswith("transformers_modules.") and loaded["length"] > 8
+    fetched = {path for method, path in pushed.hub.requests[first_request:] if method == "GET" and "/resolve/" in path}
+    assert f"/tester/tiny-gru/resolve/{commit.oid}/modeling_hybrid_rnn_lm.py" in fetched
+
+
 def test_push_to_a_new_branch_of_a_private_repo_then_an_unchanged_push_adds_no_commit(folder, hub, tmp_path):
     env = hub.client_env(tmp_path / "hf-home")
     args = ["push", str(folder), "--repo-id", "tester/tiny-gru", "--private", "--revision", "dev"]
@@ -184,17 +226,16 @@ def pickle_only_folder(run_folder, tmp_path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    ("case", "expected", "requests"),
-    [
-        ("not-logged-in", "error: not logged in to the Hugging Face Hub; run `hf auth login`", []),
-        ("invalid-repo-id", "error: invalid repository id 'bad--name/x' (", []),
-        ("pickle-only", "error: {folder} holds weights only as pickles (pytorch_model.bin)", []),
-        ("rejected-token", "error: the Hub rejected your token (", [("GET", "/api/whoami-v2")]),
-        ("unreachable", "error: could not reach the Hub at http://127.0.0.1:", []),
-    ],
-    ids=lambda value: value if isinstance(value, str) and " " not in value else "",
-)
+ERROR_CASES = [
+    ("not-logged-in", "error: not logged in to the Hugging Face Hub; run `hf auth login`", []),
+    ("invalid-repo-id", "error: invalid repository id 'bad--name/x' (", []),
+    ("pickle-only", "error: {folder} holds weights only as pickles (pytorch_model.bin)", []),
+    ("rejected-token", "error: the Hub rejected your token (", [("GET", "/api/whoami-v2")]),
+    ("unreachable", "error: could not reach the Hub at http://127.0.0.1:", []),
+]
+
+
+@pytest.mark.parametrize(("case", "expected", "requests"), ERROR_CASES, ids=[case[0] for case in ERROR_CASES])
 def test_push_errors_are_one_line_and_change_nothing(
     folder, pickle_only_folder, hub, tmp_path, case, expected, requests
 ):
