@@ -160,8 +160,9 @@ def test_only_hub_datasets_are_listed_as_hub_datasets(tmp_path, dataset, hub_id,
         (["card", "{missing}"], "is not a folder; pass the output folder of `hybrid-lm train`"),
         (["card", "{folder}", "--repo-id", "bad--name/x"], "invalid repository id 'bad--name/x'"),
         (["card", "{folder}", "--license", "Apache 2"], "license 'Apache 2' is not a Hub license identifier"),
+        (["card", "{folder}", "--bogus"], "unrecognized arguments: --bogus (see `hybrid-lm card --help`)"),
     ],
-    ids=["missing-folder", "invalid-repo-id", "invalid-license"],
+    ids=["missing-folder", "invalid-repo-id", "invalid-license", "unknown-flag"],
 )
 def test_bad_input_is_one_line_and_leaves_the_card_untouched(folder, tmp_path, capsys, argv, expected):
     before = (folder / "README.md").read_bytes()

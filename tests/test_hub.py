@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from tests.hub_server import HubStandIn
 from tests.isolation import REPO_ROOT, run_without_package
 from tests.test_card import train_tiny_run
+from training.card import GENERATED_MARKER
 from training.hub import select_hub_files
 
 PROMPT = "The "
@@ -191,7 +192,7 @@ def test_the_cards_snippet_runs_as_written_against_the_hub_at_a_pinned_commit(pu
     assert f"/tester/tiny-gru/resolve/{commit.oid}/modeling_hybrid_rnn_lm.py" in fetched
 
 
-def test_push_to_a_new_branch_of_a_private_repo_then_an_unchanged_push_adds_no_commit(folder, hub, tmp_path):
+def test_push_to_a_new_branch_of_a_private_repo_then_a_hand_edited_card_is_pushed_as_is(folder, hub, tmp_path):
     env = hub.client_env(tmp_path / "hf-home")
     args = ["push", str(folder), "--repo-id", "tester/tiny-gru", "--private", "--revision", "dev"]
     first = run_cli([*args, "--commit-message", "First dev build"], env)
@@ -205,9 +206,14 @@ def test_push_to_a_new_branch_of_a_private_repo_then_an_unchanged_push_adds_no_c
     assert set(hub.files_at("tester/tiny-gru", "main")) == {".gitattributes"}
     assert 'revision = "dev"' in commit.files["README.md"].decode()
 
-    second = run_cli(args, env)
+    # Without the generated-card line the card is the user's: pushed as it is, never re-rendered.
+    edited = (folder / "README.md").read_text().replace(GENERATED_MARKER, "Hand-written notes.")
+    (folder / "README.md").write_text(edited)
+    second = run_cli([*args[:4], "--revision", "dev"], env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert len(hub.commits) == 1
+    assert "kept the hand-edited README.md" in second.stdout
+    assert [sorted(c.files) for c in hub.commits[1:]] == [["README.md"]]  # the other files did not change
+    assert hub.commits[1].files["README.md"].decode() == edited
 
 
 def closed_port() -> int:

@@ -494,8 +494,15 @@ def validate_hub_repo_id(repo_id: str) -> None:
         ) from None
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `UserError` line, like every other `hybrid-lm` error."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="hybrid-lm card", description="(Re)render README.md, the model card of a training output folder."
     )
     parser.add_argument("folder", help="output folder of `hybrid-lm train`")

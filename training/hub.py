@@ -12,7 +12,6 @@ on the Hub.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.card import GENERATED_MARKER, is_generated, read_run, validate_hub_repo_id, write_card
+from training.card import (
+    GENERATED_MARKER,
+    OneLineArgumentParser,
+    is_generated,
+    read_run,
+    validate_hub_repo_id,
+    write_card,
+)
 from training.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -226,7 +232,7 @@ def _default_commit_message(folder: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="hybrid-lm push",
         description=(
             "Push a training output folder to the Hugging Face Hub as one commit: safetensors weights, config, "
