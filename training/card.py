@@ -24,7 +24,11 @@ import yaml
 
 from training.errors import UserError
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+# The source checkout's template; an installed wheel carries a copy as package data (training/templates/).
+TEMPLATE_PATHS = (
+    Path(__file__).resolve().parents[1] / "model_cards" / "template.md",
+    Path(__file__).resolve().parent / "templates" / "model_card.md",
+)
 DEFAULT_LICENSE = "apache-2.0"
 # Used when the installed distribution's metadata cannot be read (e.g. running from a source checkout).
 TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
@@ -394,13 +398,7 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
         eval_results=eval_results or None,
     )
     remote_code = sorted({ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values()})
-    kind = "hybrid recurrent + attention" if hybrid else "GPT-2 baseline"
-    summary = (
-        f"A {kind} causal language model trained from scratch with `hybrid-lm train` on {dataset.label}."
-        if hybrid
-        else f"A GPT-2 baseline trained from scratch with `hybrid-lm train` on {dataset.label}, in the same loop "
-        "and on the same data as the hybrid recurrent models it is compared with."
-    )
+    summary = _summary(config, hybrid, dataset.label)
     tokenizer_kind = str(results.get("tokenizer") or run.arg("tokenizer") or "unknown")
     template_kwargs = {
         "generated_marker": GENERATED_MARKER,
@@ -426,7 +424,27 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
         "attention_window": config.get("attention_window") if hybrid else None,
         "tokenizer_kind": tokenizer_kind,
     }
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_kwargs)
+    return ModelCard.from_template(card_data, template_path=str(template_path()), **template_kwargs)
+
+
+def template_path() -> Path:
+    for path in TEMPLATE_PATHS:
+        if path.is_file():
+            return path
+    raise UserError(
+        f"the model card template is missing (looked for {', '.join(map(str, TEMPLATE_PATHS))}); reinstall hybrid-rnn-lm"
+    )
+
+
+def _summary(config: dict, hybrid: bool, data_label: str) -> str:
+    trained = f"trained from scratch with `hybrid-lm train` on `{data_label}`"
+    if not hybrid:
+        return f"A GPT-2 baseline {trained}, in the same loop as the hybrid recurrent models it is compared with."
+    saved = _saved_hybrid_config(config)
+    cell = saved.rnn_type.upper()
+    if all(kind == "linear_attention" for kind in saved.layer_types):
+        return f"A purely recurrent {cell} language model (the hybrid architecture without attention) {trained}."
+    return f"A hybrid {cell} + attention language model {trained}."
 
 
 def _architecture_note(config: dict, hybrid: bool) -> str:
