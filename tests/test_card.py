@@ -124,7 +124,11 @@ def test_gpt2_baseline_card_needs_no_remote_code(run_folder, tmp_path):
     GPT2LMHeadModel(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "training_args.yaml", "loss_curve.png"):
         shutil.copy(run_folder / name, folder / name)
-    results = {**json.loads((run_folder / "results.json").read_text()), "architecture": "gpt2"}
+    results = {
+        **json.loads((run_folder / "results.json").read_text()),
+        "architecture": "gpt2",
+        "dataset": "wikitext:wikitext-2-raw-v1",  # a Hub dataset: listed in the metadata
+    }
     results.pop("num_parameters")  # counted from the safetensors header instead
     (folder / "results.json").write_text(json.dumps(results))
 
@@ -136,6 +140,8 @@ def test_gpt2_baseline_card_needs_no_remote_code(run_folder, tmp_path):
     total = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())  # tied head counted once
     assert f"| Parameters | {total:,} |" in card.text
     assert eval_values(card)["loss"] == results["best_val_loss"]
+    assert card.data.datasets == ["wikitext"]
+    assert {(r.dataset_type, r.dataset_config) for r in card.data.eval_results} == {("wikitext", "wikitext-2-raw-v1")}
 
 
 @pytest.mark.parametrize(
