@@ -66,9 +66,8 @@ class ModelArguments:
 
     def __post_init__(self):
         _check_types(self)
-        self.attention_layers = str(self.attention_layers)  # YAML may hold an int or a list
-        if self.model_config is None:
-            parse_attention_layers(self.attention_layers)
+        # One spelling per layout (YAML may hold an int or a list), so that equal runs have equal arguments.
+        self.attention_layers = format_attention_layers(parse_attention_layers(str(self.attention_layers)))
         _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
         _check_positive(self, "attention_window", "intermediate_size", allow_none=True)
         for name in ("hidden_dropout", "attention_dropout"):
@@ -161,13 +160,14 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
 
 
 def parse_attention_layers(spec: str) -> str | int | list[int]:
-    """`all` / `none` / `3` / `0,2` -> the value HybridRnnLmConfig.attention_layers takes."""
-    text = spec.strip().strip("[]").replace(" ", "")
+    """`all` / `none` / `3` (every 3rd block) / `0,2` or `[0, 2]` or `1,` (indices) -> HybridRnnLmConfig's value."""
+    text = spec.strip().replace(" ", "").lower()
     if text in ("all", "none"):
         return text
+    is_list = text.startswith("[") or "," in text
     try:
-        if "," in text:
-            return [int(index) for index in text.split(",") if index]
+        if is_list:
+            return [int(index) for index in text.strip("[]").split(",") if index]
         return int(text)
     except ValueError:
         raise UserError(
@@ -175,11 +175,18 @@ def parse_attention_layers(spec: str) -> str | int | list[int]:
         ) from None
 
 
+def format_attention_layers(layers: str | int | list[int]) -> str:
+    """The inverse of parse_attention_layers; a one-index list keeps its comma ("1," is block 1, "1" every block)."""
+    if isinstance(layers, list):
+        return ",".join(map(str, layers)) + ("," if len(layers) == 1 else "") if layers else "none"
+    return str(layers)
+
+
 class _ArgumentParser(HfArgumentParser):
     """HfArgumentParser whose usage errors are one line (a UserError), not argparse's usage dump."""
 
     def error(self, message: str):
-        raise UserError(f"{message} (see `hybrid-lm train --help`)")
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
     def add_argument(self, *names, **kwargs):
         # Show --max-steps rather than --max_steps in help and errors; both spellings stay accepted.

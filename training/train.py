@@ -53,6 +53,16 @@ from training.plots import plot_loss_curve, read_metrics
 
 logger = logging.getLogger("training.train")
 
+
+class _TiedWeightsNotice(logging.Filter):
+    """accelerate warns at every checkpoint that tied embeddings are stored once: that is what tying means."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "language_modeling"
 RUN_FILES = ("metrics.jsonl", "results.json", "training_args.yaml", "loss_curve.png")
 _TRACKER_CHECKS = {
@@ -110,17 +120,18 @@ def run_training(
     Raises `TrainingInterrupted` on Ctrl-C (after saving a checkpoint) and `UserError` on bad input.
     """
     started = time.perf_counter()
+    # Everything that can reject the input runs before the first file is written.
+    build_model_config(model_args, vocab_size=256, block_size=data_args.block_size)
     accelerator, output_dir = build_accelerator(train_args)
-    resume_from = prepare_output_dir(accelerator, output_dir, train_args)
+    resume_from = check_output_dir(output_dir, train_args)
+    set_seed(train_args.seed)
+    tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
+    model = build_model(model_args, tokenizer, data_args.block_size)
+    create_output_dir(accelerator, output_dir, train_args)
     if accelerator.is_main_process:
         used = dataclasses.replace(train_args, output_dir=str(output_dir))
         write_arguments_yaml(output_dir / "training_args.yaml", model_args, data_args, used)
-    set_seed(train_args.seed)
-
-    tokenizer, tokenized = prepare_data(
-        accelerator, data_args, model_args, output_dir, resumed=resume_from is not None
-    )
-    model = build_model(model_args, tokenizer, data_args.block_size)
+        tokenizer.save_pretrained(output_dir)
     optimizer = build_optimizer(model, train_args)
     loader_seed = torch.Generator().manual_seed(train_args.seed)
     train_dataloader = DataLoader(
@@ -308,36 +319,39 @@ def check_trackers(report_to: str) -> list[str] | None:
     return names
 
 
-def prepare_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArguments) -> Path | None:
-    """Creates the output folder; returns the checkpoint to resume from, if any (refusing to clobber a run)."""
-    resume_from = None
+def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to clobber an earlier run. Writes nothing."""
     if args.resume_from_checkpoint:
-        resume_from = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    elif any((output_dir / name).exists() for name in (*RUN_FILES, "checkpoints")):
-        if not args.overwrite_output_dir:
-            raise UserError(
-                f"{output_dir} already holds a training run; continue it with --resume-from-checkpoint latest, "
-                "replace it with --overwrite-output-dir, or choose another --output-dir"
-            )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(output_dir)
+        return resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if any((output_dir / name).exists() for name in (*RUN_FILES, "checkpoints")) and not args.overwrite_output_dir:
+        raise UserError(
+            f"{output_dir} already holds a training run; continue it with --resume-from-checkpoint latest, "
+            "replace it with --overwrite-output-dir, or choose another --output-dir"
+        )
+    return None
+
+
+def create_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArguments) -> None:
+    """Creates the folder (emptied first with --overwrite-output-dir) and removes leftovers of a killed save."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint and output_dir.exists():
+            shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_temporary_folders(output_dir)
         for stale in output_dir.glob(".tmp-model*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return resume_from
 
 
-def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArguments, output_dir: Path, resumed: bool):
+def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArguments, resume_from: Path | None):
     """Corpus -> tokenizer (built, or reloaded from the run being resumed) -> fixed-length token blocks."""
     from training.data import load_corpus, tokenize_corpus, training_texts
     from training.tokenization import build_tokenizer
 
     max_length = data_args.block_size if model_args.architecture == "gpt2" else max(1024, data_args.block_size)
+    # A resumed run must keep its token ids: the run's folder (the checkpoints' parent) holds its tokenizer.
+    saved_tokenizer = None if resume_from is None else resume_from.parent.parent
     with accelerator.main_process_first():
         corpus = load_corpus(
             data_args.dataset,
@@ -345,15 +359,13 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
             text_column=data_args.text_column,
             validation_fraction=data_args.validation_fraction,
         )
-        if resumed and (output_dir / "tokenizer_config.json").is_file():
-            tokenizer = build_tokenizer(str(output_dir), model_max_length=max_length)
+        if saved_tokenizer is not None and (saved_tokenizer / "tokenizer_config.json").is_file():
+            tokenizer = build_tokenizer(str(saved_tokenizer), model_max_length=max_length)
         else:
             tokenizer = build_tokenizer(
                 data_args.tokenizer, training_texts(corpus["train"]), data_args.vocab_size, max_length
             )
         tokenized = tokenize_corpus(corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc)
-    if accelerator.is_main_process and not resumed:
-        tokenizer.save_pretrained(output_dir)
     return tokenizer, tokenized
 
 
@@ -365,24 +377,32 @@ def _collate(examples: list[dict]) -> dict:
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     """The model at the requested size, its vocabulary and special tokens taken from the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
-
-    import hybrid_rnn_lm  # noqa: F401  (registers the hybrid model with the Auto classes)
-    from hybrid_rnn_lm import HybridRnnLmConfig
+    from transformers import AutoModelForCausalLM
 
     special = {
-        "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    config = build_model_config(model_args, len(tokenizer), block_size, **special)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_model_config(model_args: ModelArguments, vocab_size: int, block_size: int, **special_tokens):
+    """HybridRnnLmConfig / GPT2Config from the arguments (or --model-config); a UserError if they do not fit."""
+    from transformers import AutoConfig, GPT2Config
+
+    from hybrid_rnn_lm import HybridRnnLmConfig  # importing it registers the model with the Auto classes
+
+    special = {"vocab_size": vocab_size, **special_tokens}
     try:
         if model_args.model_config is not None:
             config = _load_model_config(model_args.model_config, AutoConfig)
             for name, value in special.items():
                 setattr(config, name, value)
-        elif model_args.architecture == "gpt2":
-            config = GPT2Config(
+            return config
+        if model_args.architecture == "gpt2":
+            return GPT2Config(
                 n_embd=model_args.hidden_size,
                 n_layer=model_args.num_hidden_layers,
                 n_head=model_args.num_attention_heads,
@@ -394,21 +414,19 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
                 tie_word_embeddings=True,
                 **special,
             )
-        else:
-            config = HybridRnnLmConfig(
-                hidden_size=model_args.hidden_size,
-                num_hidden_layers=model_args.num_hidden_layers,
-                rnn_type=model_args.rnn_type,
-                num_attention_heads=model_args.num_attention_heads,
-                attention_layers=parse_attention_layers(model_args.attention_layers),
-                attention_window=model_args.attention_window,
-                intermediate_size=model_args.intermediate_size,
-                hidden_dropout=model_args.hidden_dropout,
-                attention_dropout=model_args.attention_dropout,
-                use_residual=model_args.use_residual,
-                **special,
-            )
-        return AutoModelForCausalLM.from_config(config)
+        return HybridRnnLmConfig(
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            rnn_type=model_args.rnn_type,
+            num_attention_heads=model_args.num_attention_heads,
+            attention_layers=parse_attention_layers(model_args.attention_layers),
+            attention_window=model_args.attention_window,
+            intermediate_size=model_args.intermediate_size,
+            hidden_dropout=model_args.hidden_dropout,
+            attention_dropout=model_args.attention_dropout,
+            use_residual=model_args.use_residual,
+            **special,
+        )
     except ValueError as error:
         raise UserError(f"invalid model configuration: {error}") from None
 
@@ -500,10 +518,18 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, output_dir: Path
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops rows a killed run logged after its last checkpoint: the resumed run logs those steps again."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
+    """Drops rows a killed run logged after its last checkpoint (and a line torn by the kill): they are redone."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 # ------------------------------------------------------------------------------------------------------------

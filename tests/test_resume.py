@@ -1,0 +1,131 @@
+"""Checkpoints and resume: a run killed with SIGKILL and resumed from `latest` equals an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train import REPO_ROOT, as_flags, real_text_file, single_thread, tiny_options  # noqa: F401
+from training.arguments import arguments_from_dict
+from training.checkpoints import list_checkpoints, resolve_checkpoint
+from training.errors import UserError
+from training.plots import read_metrics
+from training.train import run_training
+
+# Dropout, gradient accumulation and a corpus small enough that the run crosses epoch boundaries: every source
+# of randomness and every data-position counter a resume has to restore.
+RESUME_OPTIONS = {
+    "max_steps": 64,  # far past the kill at step 13, even when the machine is slow to notice it
+    "eval_steps": 16,
+    "checkpoint_steps": 4,
+    "checkpoint_limit": 3,
+    "gradient_accumulation_steps": 2,
+    "hidden_dropout": 0.1,
+    "attention_dropout": 0.1,
+}
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock throughput."""
+    return [{k: v for k, v in row.items() if k != "tokens_per_second"} for row in rows]
+
+
+def assert_same_weights(file_a: Path, file_b: Path) -> None:
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def start_training(options: dict, cwd: Path) -> subprocess.Popen:
+    # Same intra-op thread count as this process, so that float reductions run in the same order on both sides.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", *as_flags(options)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> int:
+    """Polls metrics.jsonl until a training row reaches `step`; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"training exited early:\n{process.communicate()[1][-3000:]}"
+        if metrics.is_file():
+            lines = [line for line in metrics.read_text().splitlines() if line.endswith("}")]
+            steps = [json.loads(line)["step"] for line in lines if "train_loss" in line]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"no training step {step} within {timeout} s")
+
+
+@pytest.mark.xdist_group("resume-kill")
+def test_sigkilled_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path):
+    corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
+    run_training(*arguments_from_dict(options))
+
+    killed_options = {**options, "output_dir": str(killed_dir)}
+    process = start_training(killed_options, tmp_path)
+    seen = wait_for_step(process, killed_dir / "metrics.jsonl", 13)
+    process.send_signal(signal.SIGKILL)  # no handler, no cleanup: the process just stops
+    process.wait(timeout=30)
+    latest = resolve_checkpoint("latest", killed_dir)
+    assert 12 <= int(latest.name.split("-")[1]) < 64, (seen, latest)
+    assert not (killed_dir / "results.json").exists()
+
+    resumed = run_training(*arguments_from_dict({**killed_options, "resume_from_checkpoint": "latest"}))
+
+    straight_rows = read_metrics(straight_dir / "metrics.jsonl")
+    assert comparable(read_metrics(killed_dir / "metrics.jsonl")) == comparable(straight_rows)
+    assert_same_weights(straight_dir / "model.safetensors", killed_dir / "model.safetensors")
+    final = "checkpoints/checkpoint-64/model.safetensors"
+    assert_same_weights(straight_dir / final, killed_dir / final)
+    straight_results = json.loads((straight_dir / "results.json").read_text())
+    assert resumed["best_val_loss"] == straight_results["best_val_loss"]
+    assert resumed["train_tokens"] == straight_results["train_tokens"]
+
+
+def test_latest_ignores_a_checkpoint_whose_save_was_killed(tmp_path):
+    options = tiny_options(tmp_path / "out", max_steps=4, eval_steps=4, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    root = tmp_path / "out" / "checkpoints"
+    # What a kill during the save of step 6 leaves: a temporary folder with part of the files.
+    half = root / ".tmp-checkpoint-6"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    assert resolve_checkpoint("latest", tmp_path / "out") == root / "checkpoint-4"
+
+    results = run_training(*arguments_from_dict({**options, "max_steps": 6, "resume_from_checkpoint": "latest"}))
+    assert results["steps"] == 6
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-4", "checkpoint-6"]
+    assert not half.exists()
+    load_file(root / "checkpoint-6" / "model.safetensors")  # complete and readable
+
+
+def test_resume_with_a_different_model_size_names_the_arguments_file(tmp_path):
+    options = tiny_options(tmp_path / "out", max_steps=2, eval_steps=2)
+    run_training(*arguments_from_dict(options))
+    with pytest.raises(UserError, match=r"does not fit the model being built .*training_args\.yaml"):
+        run_training(*arguments_from_dict({**options, "hidden_size": 64, "resume_from_checkpoint": "latest"}))
+
+
+def test_resume_without_checkpoints_is_a_user_error(tmp_path):
+    options = tiny_options(tmp_path / "empty", max_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(UserError, match="no checkpoint in .*start a new run without --resume-from-checkpoint"):
+        run_training(*arguments_from_dict(options))
+    assert not (tmp_path / "empty").exists()

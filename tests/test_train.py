@@ -1,0 +1,333 @@
+"""`hybrid-lm train` end to end: output folder, metrics, plot, arguments, schedules, GPT-2 baseline, bf16 on CPU."""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+from hybrid_rnn_lm import HybridRnnLmForCausalLM
+from tests.isolation import run_without_package
+from training.arguments import (
+    ARGUMENT_CLASSES,
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    arguments_from_dict,
+    build_parser,
+    parse_arguments,
+)
+from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics
+from training.train import run_training
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A model and batches small enough that a step takes milliseconds on one CPU core.
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "attention_layers": "2",
+    "block_size": 32,
+    "batch_size": 4,
+    "eval_batches": 2,
+    "log_steps": 1,
+    "warmup_steps": 2,
+    "sample_tokens": 0,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and several test workers share the cores: oversubscribed OpenMP
+    threads spin and make a 2-second run take a minute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_options(output_dir: Path, **overrides) -> dict:
+    return {**TINY, "output_dir": str(output_dir), **overrides}
+
+
+def as_flags(options: dict) -> list[str]:
+    """{"max_steps": 3} -> ["--max-steps", "3"], the command line of the same run."""
+    flags = []
+    for name, value in options.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def real_text_file(folder: Path, characters: int, name: str = "corpus.txt") -> Path:
+    """A small corpus of real English prose and code: the Python help topics that ship with CPython."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[name] for name in sorted(topics))[:characters]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def validation_loss_of_saved_model(folder: Path, options: dict) -> float:
+    """Loads the output folder like a user and evaluates it on the run's evaluation blocks."""
+    from training.data import load_corpus, tokenize_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    corpus = load_corpus(options.get("dataset", "python-docs"))
+    blocks = tokenize_corpus(corpus, tokenizer, options["block_size"])["validation"]
+    ids = torch.tensor(blocks[: options["eval_batches"] * options["batch_size"]]["input_ids"], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
+    return nll.item() / ids[:, 1:].numel()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One real run, many properties
+# ------------------------------------------------------------------------------------------------------------
+
+RUN_OPTIONS = {
+    "max_steps": 24,
+    "eval_steps": 8,
+    "checkpoint_steps": 8,
+    "lr_scheduler": "cosine_with_min_lr",
+    "min_lr_rate": 0.1,
+    "warmup_steps": 4,
+    "sample_tokens": 20,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "out"
+    options = tiny_options(folder, **RUN_OPTIONS)
+    results = run_training(*arguments_from_dict(options))
+    return folder, options, results
+
+
+def test_output_folder_loads_with_auto_class_and_generates(trained):
+    folder, _, results = trained
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert isinstance(model, HybridRnnLmForCausalLM)
+    prompt = tokenizer("The ", add_special_tokens=False, return_tensors="pt").input_ids
+    output = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > prompt.shape[1]
+    assert results["sample"].startswith("The ")
+
+
+def test_output_folder_loads_with_remote_code_where_the_package_is_absent(trained, tmp_path):
+    folder, _, _ = trained
+    code = f"""
+    import json, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+    ids = tokenizer("The ", add_special_tokens=False, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    print(json.dumps({{"class": type(model).__module__, "ids": out[0].tolist()}}))
+    """
+    isolated = run_without_package(code, cwd=tmp_path)
+    assert not isolated["class"].startswith("hybrid_rnn_lm")  # the folder's own copy of the code ran
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("The ", add_special_tokens=False, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(folder).generate(  # one thread here too (single_thread)
+        ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    assert isolated["ids"] == local[0].tolist()
+
+
+def test_metrics_jsonl_and_results_agree(trained):
+    folder, options, results = trained
+    rows = read_metrics(folder / "metrics.jsonl")
+    train_rows = [row for row in rows if "train_loss" in row]
+    eval_rows = [row for row in rows if "val_loss" in row]
+    tokens_per_step = options["batch_size"] * options["block_size"]
+
+    assert [row["step"] for row in train_rows] == list(range(1, 25))
+    assert [row["step"] for row in eval_rows] == [0, 8, 16, 24]
+    for row in train_rows:
+        assert set(row) == {"step", "tokens_seen", "lr", "train_loss", "tokens_per_second"}
+        assert row["tokens_seen"] == row["step"] * tokens_per_step and row["tokens_per_second"] > 0
+    for row in eval_rows:
+        assert set(row) == {
+            "step",
+            "tokens_seen",
+            "val_loss",
+            "val_perplexity",
+            "val_bits_per_token",
+            "val_bits_per_char",
+        }
+        assert row["val_perplexity"] == pytest.approx(math.exp(row["val_loss"]))
+        assert row["val_bits_per_token"] == pytest.approx(row["val_loss"] / math.log(2))
+        # Char level: about one token per character (EOS between documents is the only extra token).
+        assert row["val_bits_per_char"] == pytest.approx(row["val_bits_per_token"], rel=0.01)
+
+    best = min(eval_rows, key=lambda row: row["val_loss"])
+    assert results["best_step"] == best["step"] and results["best_val_loss"] == best["val_loss"]
+    assert results["val_perplexity"] == best["val_perplexity"]
+    assert results["val_bits_per_char"] == best["val_bits_per_char"]
+    assert results["train_tokens"] == 24 * tokens_per_step
+    assert results["stopped_reason"] == "max_steps" and results["steps"] == 24
+    assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"] - 0.5  # it learned something
+    assert json.loads((folder / "results.json").read_text()) == results
+    expected_keys = {
+        "best_step", "best_val_loss", "val_perplexity", "val_bits_per_token", "val_bits_per_char", "train_tokens",
+        "wall_time_s", "tokens_per_second", "num_parameters", "num_non_embedding_parameters", "dataset",
+        "tokenizer", "architecture", "stopped_reason",
+    }  # fmt: skip
+    assert expected_keys <= set(results)
+    assert (results["dataset"], results["tokenizer"], results["architecture"]) == ("python-docs", "char", "hybrid")
+
+
+def test_saved_model_is_the_best_evaluated_one(trained):
+    folder, options, results = trained
+    assert validation_loss_of_saved_model(folder, options) == pytest.approx(results["best_val_loss"], rel=1e-5)
+
+
+def test_parameter_counts(trained):
+    folder, _, results = trained
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert results["num_parameters"] == model.num_parameters()
+    embedding = model.get_input_embeddings().weight.numel()  # tied with the head: counted once
+    assert results["num_non_embedding_parameters"] == model.num_parameters() - embedding
+
+
+def test_loss_curve_png(trained):
+    folder, _, _ = trained
+    width, height = png_size(folder / "loss_curve.png")
+    assert (width, height) == (FIGURE_SIZE_INCHES[0] * DPI, FIGURE_SIZE_INCHES[1] * DPI)
+
+
+def test_learning_rate_follows_warmup_then_cosine_to_the_floor(trained):
+    folder, options, _ = trained
+    peak, warmup, steps, floor = TrainArguments().learning_rate, 4, 24, 0.1
+    for row in read_metrics(folder / "metrics.jsonl"):
+        if "lr" not in row:
+            continue
+        step = row["step"] - 1  # the lr a logged step trained with
+        if step < warmup:
+            expected = peak * step / warmup
+        else:
+            progress = (step - warmup) / (steps - warmup)
+            expected = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert row["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), row
+
+
+def test_training_args_yaml_reruns_the_same_arguments(trained):
+    folder, options, _ = trained
+    again = parse_arguments([str(folder / "training_args.yaml")])
+    assert again == arguments_from_dict(options)
+
+
+def test_checkpoints_are_rotated_to_the_limit(trained):
+    folder, _, _ = trained
+    names = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert names == ["checkpoint-16", "checkpoint-24"]  # limit 2 of 8, 16, 24; no temporary folders left
+
+
+def test_model_card_is_written(trained):
+    folder, _, _ = trained
+    assert "model-index" in (folder / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Other runs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path):
+    # Train on "ab" repeated, validate on "aa" repeated: the better it learns a->b, the worse validation gets.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("ab" * 2000)
+    (data / "validation.txt").write_text("aa" * 400)
+    options = tiny_options(
+        tmp_path / "out", dataset=str(data), max_steps=200, eval_steps=3, early_stopping_patience=2, learning_rate=1e-2
+    )
+    results = run_training(*arguments_from_dict(options))
+    evals = [row for row in read_metrics(tmp_path / "out" / "metrics.jsonl") if "val_loss" in row]
+    assert results["stopped_reason"] == "early_stopping" and results["steps"] < 200
+    assert results["best_step"] < results["steps"]
+    assert [row["val_loss"] for row in evals].index(results["best_val_loss"]) == len(evals) - 3  # patience 2
+    assert validation_loss_of_saved_model(tmp_path / "out", options) == pytest.approx(
+        results["best_val_loss"], rel=1e-5
+    )
+
+
+def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
+    options = tiny_options(tmp_path / "gpt2", architecture="gpt2", max_steps=6, eval_steps=3, sample_tokens=50)
+    results = run_training(*arguments_from_dict(options))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    assert isinstance(model, GPT2LMHeadModel)
+    assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (32, 2, 2)
+    assert results["architecture"] == "gpt2" and results["num_parameters"] == model.num_parameters()
+    # The sample stops at GPT-2's 32 positions instead of failing.
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    assert len(tokenizer(results["sample"], add_special_tokens=False).input_ids) <= 32
+
+
+def test_bf16_autocast_on_cpu_trains_and_saves_float32_weights(tmp_path):
+    options = tiny_options(tmp_path / "bf16", mixed_precision="bf16", max_steps=2, eval_steps=2, eval_batches=1)
+    results = run_training(*arguments_from_dict(options))
+    assert results["stopped_reason"] == "max_steps" and math.isfinite(results["best_val_loss"])
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["--help"])
+    assert exit_info.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside hyphenated words
+    for cls in ARGUMENT_CLASSES:
+        for field in cls.__dataclass_fields__.values():
+            assert f"--{field.name.replace('_', '-')}" in text, field.name
+            assert "".join(field.metadata["help"].split()) in text, field.name
+
+
+def test_dashes_underscores_and_yaml_give_the_same_arguments(tmp_path):
+    dashed = parse_arguments(
+        ["--max-steps", "7", "--hidden-size", "48", "--no-use-residual", "--attention-layers", "0,1"]
+    )
+    underscored = parse_arguments(
+        ["--max_steps", "7", "--hidden_size", "48", "--no_use_residual", "--attention_layers", "0,1"]
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\nhidden_size: 48\nuse_residual: false\nattention_layers: [0, 1]\n")
+    from_yaml = parse_arguments([str(config), "--max-steps", "7"])  # flags after the file override it
+    assert dashed == underscored == from_yaml
+    model, _, train = dashed
+    assert (train.max_steps, model.hidden_size, model.use_residual) == (7, 48, False)
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_parse(config):
+    model, data, train = parse_arguments([str(config)])
+    assert isinstance(model, ModelArguments) and isinstance(data, DataArguments) and isinstance(train, TrainArguments)
+
+
+def test_defaults_describe_the_default_run():
+    model, data, train = parse_arguments([])
+    assert (data.dataset, data.tokenizer, model.architecture) == ("python-docs", "char", "hybrid")
+    assert build_parser().prog == "hybrid-lm train"
