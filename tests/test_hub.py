@@ -236,6 +236,12 @@ ERROR_CASES = [
     ("not-logged-in", "error: not logged in to the Hugging Face Hub; run `hf auth login`", []),
     ("invalid-repo-id", "error: invalid repository id 'bad--name/x' (", []),
     ("pickle-only", "error: {folder} holds weights only as pickles (pytorch_model.bin)", []),
+    ("no-weights", "error: {folder} has no model.safetensors; pass the output folder of `hybrid-lm train`", []),
+    (
+        "bad-card-metadata",
+        'error: the Hub rejected the metadata of {folder}/README.md ("license" must be a string)',
+        [("GET", "/api/whoami-v2"), ("POST", "/api/validate-yaml")],
+    ),
     ("rejected-token", "error: the Hub rejected your token (", [("GET", "/api/whoami-v2")]),
     ("unreachable", "error: could not reach the Hub at http://127.0.0.1:", []),
 ]
@@ -253,6 +259,12 @@ def test_push_errors_are_one_line_and_change_nothing(
         repo_id = "bad--name/x"
     elif case == "pickle-only":
         target = pickle_only_folder
+    elif case == "no-weights":
+        target = pickle_only_folder
+        (target / "pytorch_model.bin").unlink()
+    elif case == "bad-card-metadata":  # a hand-edited card (no generated line) with a list where a string goes
+        card = (folder / "README.md").read_text().replace(GENERATED_MARKER, "")
+        (folder / "README.md").write_text(card.replace("license: apache-2.0", "license: [apache-2.0, mit]"))
     elif case == "rejected-token":
         env["HF_TOKEN"] = "hf_not_the_right_token"
     elif case == "unreachable":

@@ -210,6 +210,7 @@ def push_folder(
         card_rendered = not readme.is_file() or is_generated(readme)
         if card_rendered:
             write_card(folder, repo_id=full_repo_id, revision=branch)
+        check_card_metadata(readme)
         files = select_hub_files(folder)
         full_repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if branch != constants.DEFAULT_REVISION:
@@ -222,6 +223,23 @@ def push_folder(
             revision=branch,
         )
     return PushResult(full_repo_id, branch, info.oid, info.commit_url, files, card_rendered)
+
+
+def check_card_metadata(readme: Path) -> None:
+    """Has the Hub validate the card's YAML before anything is created: the commit would be refused later."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard.load(readme).validate()
+    except ValueError as error:
+        try:  # the Hub answers {"errors": [{"message": ...}]}
+            messages = "; ".join(e["message"] for e in json.loads(str(error))["errors"])
+        except (ValueError, KeyError, TypeError):
+            messages = str(error)
+        raise UserError(
+            f"the Hub rejected the metadata of {readme} ({_one_line(messages)}); fix its YAML header or delete the "
+            "file so that `hybrid-lm push` renders a new card"
+        ) from None
 
 
 def _default_commit_message(folder: Path) -> str:
