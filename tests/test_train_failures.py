@@ -1,0 +1,161 @@
+"""What goes wrong: a diverging loss, Ctrl-C, bad arguments. One-line errors, exit codes, nothing half-written."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train import REPO_ROOT, as_flags, single_thread, tiny_options  # noqa: F401
+from training.arguments import arguments_from_dict
+from training.checkpoints import list_checkpoints
+from training.cli import main as cli_main
+from training.plots import read_metrics
+from training.train import run_training
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error")]
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    options = tiny_options(tmp_path / "out", max_steps=4, eval_steps=4, checkpoint_steps=2, lr_scheduler="constant")
+    run_training(*arguments_from_dict(options))
+    good = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    capsys.readouterr()
+
+    # Resumed with an absurd learning rate: one step blows the weights up, the next loss is not finite.
+    diverging = {**options, "max_steps": 50, "checkpoint_steps": 100, "learning_rate": 1e6, "max_grad_norm": 0}
+    code = cli_main(["train", *as_flags(diverging), "--resume-from-checkpoint", "latest"])
+
+    assert code == 1
+    [message] = error_lines(capsys.readouterr().err)
+    assert "(not finite)" in message and "no checkpoint was written after it" in message
+    assert str(tmp_path / "out" / "checkpoints" / "checkpoint-4") in message and "--learning-rate" in message
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-2", "checkpoint-4"]
+    kept = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(kept[name], good[name]) for name in good)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["stopped_reason"] == "non_finite_loss"
+    assert all(
+        math.isfinite(row["train_loss"])
+        for row in read_metrics(tmp_path / "out" / "metrics.jsonl")
+        if "train_loss" in row
+    )
+    best = load_file(tmp_path / "out" / "model.safetensors")  # the best model, from before the divergence
+    assert all(torch.isfinite(tensor).all() for tensor in best.values())
+
+
+@pytest.mark.xdist_group("resume-kill")
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    output_dir = tmp_path / "out"
+    options = tiny_options(
+        output_dir, max_steps=100_000, eval_steps=1000, checkpoint_steps=1000, lr_scheduler="constant"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", *as_flags(options)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (
+        not (output_dir / "metrics.jsonl").is_file() or "train_loss" not in (output_dir / "metrics.jsonl").read_text()
+    ):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130
+    [line] = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    step = int(line.split()[3].rstrip(":"))
+    assert "--resume-from-checkpoint latest" in line
+    assert [p.name for p in list_checkpoints(output_dir)] == [f"checkpoint-{step}"]
+    assert not (output_dir / "results.json").exists()
+
+    resumed = run_training(
+        *arguments_from_dict({**options, "max_steps": step + 2, "resume_from_checkpoint": "latest"})
+    )
+    assert resumed["steps"] == step + 2 and resumed["stopped_reason"] == "max_steps"
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only where there is no CUDA GPU")
+
+
+def _tensorboard_missing() -> bool:
+    from accelerate.utils import is_tensorboard_available
+
+    return not is_tensorboard_available()
+
+
+BAD_ARGUMENTS = {
+    "unknown-flag": (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
+    "not-a-number": (["--max-steps", "many"], "invalid int value: 'many'"),
+    "bad-choice": (["--rnn-type", "transformer"], "invalid choice: 'transformer'"),
+    "steps-and-epochs": (["--max-steps", "5", "--epochs", "1"], "pass only one of them"),
+    "heads-do-not-divide": (["--hidden-size", "32", "--num-attention-heads", "3"], "does not divide --hidden-size 32"),
+    "attention-layer-out-of-range": (["--attention-layers", "0,9"], "out of range"),
+    "unknown-scheduler": (["--lr-scheduler", "sawtooth"], "'sawtooth' is not known; choose one of: linear"),
+    "unknown-tracker": (["--report-to", "carrier-pigeon"], "not a tracker accelerate knows"),
+    "missing-dataset": (["--dataset", "missing/corpus.txt"], "does not exist"),
+    "missing-tokenizer": (["--tokenizer", "no-such-tokenizer"], "unknown tokenizer 'no-such-tokenizer'"),
+    "missing-model-config": (["--model-config", "nowhere"], "no config.json there"),
+    "fp16-on-cpu": pytest.param(["--mixed-precision", "fp16"], "needs a CUDA GPU", marks=NO_CUDA),
+    "tracker-not-installed": pytest.param(
+        ["--report-to", "tensorboard"],
+        "the tensorboard package is not installed",
+        marks=pytest.mark.skipif(not _tensorboard_missing(), reason="tensorboard is installed here"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("flags", "expected"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_give_one_error_line_and_write_nothing(tmp_path, capsys, flags, expected):
+    output_dir = tmp_path / "out"
+    code = cli_main(["train", "--output-dir", str(output_dir), *flags])
+    captured = capsys.readouterr()
+    assert code == 2
+    [message] = error_lines(captured.err)
+    assert expected in message and captured.err.strip().endswith(message)
+    assert "Traceback" not in captured.err
+    assert not output_dir.exists()
+
+
+YAML_PROBLEMS = {
+    "unknown-key": ("max_steps: 3\nlearning_rat: 0.1\n", "unknown option(s) learning_rat"),
+    "not-a-mapping": ("- max_steps\n- 3\n", "must hold a mapping of option names"),
+    "wrong-type": ("max_steps: [1, 2]\n", "option max_steps must be int or null, got [1, 2]"),
+    "invalid-yaml": ("max_steps: [1, 2\n", "is not valid YAML"),
+}
+
+
+@pytest.mark.parametrize(("content", "expected"), YAML_PROBLEMS.values(), ids=YAML_PROBLEMS.keys())
+def test_bad_yaml_files_give_one_error_line(tmp_path, capsys, content, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    assert cli_main(["train", str(config)]) == 2
+    [message] = error_lines(capsys.readouterr().err)
+    assert expected in message
+
+
+def test_missing_yaml_file(tmp_path, capsys):
+    assert cli_main(["train", str(tmp_path / "absent.yaml")]) == 2
+    [message] = error_lines(capsys.readouterr().err)
+    assert "absent.yaml does not exist" in message
+
+
+def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert cli_main(["train", "--output-dir", str(output_dir), "--max-steps", "1"]) == 2
+    [message] = error_lines(capsys.readouterr().err)
+    assert "already holds a training run" in message and "--resume-from-checkpoint latest" in message
+    assert (output_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert sorted(p.name for p in output_dir.iterdir()) == ["metrics.jsonl"]
