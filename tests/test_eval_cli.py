@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_generate_cli import error_line, run_cli, save_tiny_model
+from tests.test_generate_cli import error_line, run_cli, save_tiny_model, single_thread  # noqa: F401
 from training.arguments import arguments_from_dict
 from training.data import load_corpus, tokenize_corpus
 from training.generate import load_model_and_tokenizer
 from training.train import run_training
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

@@ -39,6 +39,19 @@ def error_line(err: str) -> str:
     return last
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread per test process: with pytest -n 2 on 2 cores, two threads each spin against each other
+    and tiny models train many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("generate") / "model")
@@ -166,6 +179,7 @@ def test_missing_model_folder_is_one_line_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x")
     assert code == 2
     assert (
-        error_line(err) == f"error: {tmp_path / 'nowhere'} is not a saved model (no config.json there): pass an output "
+        error_line(err)
+        == f"error: {tmp_path / 'nowhere'} is not a saved model (no config.json there): pass an output "
         "folder of `hybrid-lm train` or a folder written by save_pretrained"
     )

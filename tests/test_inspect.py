@@ -6,9 +6,11 @@ import matplotlib.image
 import pytest
 import torch
 
-from tests.test_generate_cli import error_line, run_cli, save_tiny_model
+from tests.test_generate_cli import error_line, run_cli, save_tiny_model, single_thread  # noqa: F401
 from training.generate import load_model_and_tokenizer
 from training.inspect import DPI, LINE_PANEL_INCHES, PANEL_INCHES
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 HEADS = 4
