@@ -25,6 +25,7 @@ import yaml
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training.arguments import ModelArguments  # noqa: E402
 from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics  # noqa: E402
 
 REPORT_FILE = "REPORT.md"
@@ -33,6 +34,7 @@ SCALING_PLOT = "scaling.png"
 ABLATION_PLOT = "ablation.png"
 GAP_PLOT = "train_val_gap.png"
 ARCHITECTURE_COLORS = {"hybrid": "tab:blue", "gpt2": "tab:orange"}
+MODEL_OPTIONS = {f.name for f in fields(ModelArguments)}
 
 
 @dataclass
@@ -69,6 +71,7 @@ class RunRecord:
     final_train_loss: float
     train_val_gap: float
     stopped_reason: str
+    same_recipe: bool  # changes only model options (size, cell, ...) of the base: such runs form the scaling fit
     overrides: str  # what this run changes in the study's base config
 
 
@@ -131,6 +134,7 @@ def read_run(folder: Path) -> RunRecord:
         final_train_loss=final_train,
         train_val_gap=final_val - final_train,
         stopped_reason=results["stopped_reason"],
+        same_recipe=set(sweep["overrides"]) <= MODEL_OPTIONS,
         overrides=", ".join(f"{key}={value}" for key, value in sweep["overrides"].items()),
     )
 
@@ -162,10 +166,13 @@ def fit_power_law(parameters: list[float], losses: list[float]) -> tuple[float, 
 
 
 def scaling_fits(records: list[RunRecord]) -> list[PowerLawFit]:
-    """One fit per architecture that has at least two distinct sizes (every run is a point, seeds included)."""
+    """One fit per architecture with at least two distinct sizes. Every run trained with the base's recipe is a
+    point (seeds included); a run that changes training options (e.g. the learning rate) is left out."""
     fits = []
     for architecture in sorted({record.architecture for record in records}):
-        points = [r for r in records if r.architecture == architecture and math.isfinite(r.best_val_loss)]
+        points = [
+            r for r in records if r.architecture == architecture and r.same_recipe and math.isfinite(r.best_val_loss)
+        ]
         sizes = [r.num_non_embedding_parameters for r in points]
         if len(set(sizes)) < 2:
             continue
@@ -280,10 +287,13 @@ def _zoom_to_late_curves(axes, folders: dict[str, Path], records: list[RunRecord
 def plot_scaling(records: list[RunRecord], fits: list[PowerLawFit], path: Path) -> None:
     figure, axes = plt.subplots(figsize=FIGURE_SIZE_INCHES, dpi=DPI)
     for architecture in sorted({record.architecture for record in records}):
-        points = [r for r in records if r.architecture == architecture]
         color = ARCHITECTURE_COLORS.get(architecture)
-        x = [r.num_non_embedding_parameters for r in points]
-        axes.scatter(x, [r.best_val_loss for r in points], color=color, zorder=3, label=f"{architecture} runs")
+        for same_recipe, marker, label in ((True, "o", "runs"), (False, "x", "other training options, not fitted")):
+            points = [r for r in records if r.architecture == architecture and r.same_recipe == same_recipe]
+            if points:
+                x = [r.num_non_embedding_parameters for r in points]
+                y = [r.best_val_loss for r in points]
+                axes.scatter(x, y, color=color, marker=marker, zorder=3, label=f"{architecture} {label}")
         fit = next((fit for fit in fits if fit.architecture == architecture), None)
         if fit is not None:
             line = np.geomspace(fit.min_parameters, fit.max_parameters, 50)
@@ -535,8 +545,9 @@ def _scaling_section(fits: list[PowerLawFit]) -> list[str]:
     if not fits:
         return lines + ["No architecture has two or more sizes: no power law fitted.", ""]
     lines += [
-        "Least-squares line through (ln N, ln L) of every run of the architecture: L = a * N^b, N = non-embedding "
-        "parameters, L = best validation loss.",
+        "Least-squares line through (ln N, ln L) of the architecture's runs that keep the base training options "
+        "(CSV column same_recipe; seeds included): L = a * N^b, N = non-embedding parameters, L = best validation "
+        "loss.",
         "",
         "| architecture | runs | N range | a | exponent b |",
         "|---|---|---|---|---|",
