@@ -183,3 +183,16 @@ def test_missing_model_folder_is_one_line_error(tmp_path, capsys):
         == f"error: {tmp_path / 'nowhere'} is not a saved model (no config.json there): pass an output "
         "folder of `hybrid-lm train` or a folder written by save_pretrained"
     )
+
+
+def test_empty_prompt_starts_a_new_document(model_dir, capsys):
+    code, out, _ = run_cli(
+        capsys, "generate", "--model", str(model_dir), "--prompt", "", "--max-new-tokens", "8", "--greedy",
+        "--ignore-eos",
+    )  # fmt: skip
+    assert code == 0
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    start = torch.tensor([[tokenizer.eos_token_id]])  # what precedes every document in training
+    output = model.generate(start, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert out == tokenizer.decode(output[0, 1:], skip_special_tokens=True) + "\n"
