@@ -398,7 +398,9 @@ def render_report(study, planned, records, summary, fits, plots, quick) -> str:
     lines = [f"# Study `{study.name}`{' (quick mode)' if quick else ''}", ""]
     if study.description:
         lines += [study.description, ""]
-    command = f"hybrid-lm sweep {study.path}{' --quick' if quick else ''}"
+    threads = {_sweep_record(planned, record.run)["hardware"].get("omp_num_threads") for record in records}
+    environment = f"OMP_NUM_THREADS={threads.pop()} " if len(threads) == 1 and None not in threads else ""
+    command = f"{environment}hybrid-lm sweep {study.path}{' --quick' if quick else ''}"
     lines += [
         f"Produced by `{command}` from the study file quoted at the end; every number below is read from "
         "the runs' own metrics.jsonl / results.json.",

@@ -50,6 +50,7 @@ VARIATION_KEYS = {"name", "group", "seeds"}  # every other key of a variation is
 SWEEP_OWNED_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
 RUNS_FOLDER = "runs"
 RUN_RECORD = "sweep_run.json"  # what the sweep knows about a run (variation, groups, wall time, hardware)
+ATTEMPTS_RECORD = "sweep_interrupted.json"  # wall time of interrupted attempts, added once the run finishes
 TOKENIZED_CACHE = ".tokenized-cache"
 # What a finished run keeps: metrics, results, arguments, plots, tokenizer and card. Weights are deleted.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
@@ -327,6 +328,7 @@ def hardware() -> dict:
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # set by the caller, e.g. 1 on a shared machine
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -411,10 +413,16 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
                 f"{prefix}: {'resuming from its last checkpoint' if status == 'resumable' else 'training'} "
                 f"({_describe(run)})"
             )
-            started, load_before = time.perf_counter(), _load_average()
-            results = train_one(run, status)
-            elapsed = time.perf_counter() - started
             folder = Path(run.options["output_dir"])
+            earlier = _earlier_attempts_s(folder) if status == "resumable" else 0.0
+            started, load_before = time.perf_counter(), _load_average()
+            try:
+                results = train_one(run, status)
+            except KeyboardInterrupt:  # a checkpoint was saved: the next sweep resumes it, and adds this time
+                _write_json(folder / ATTEMPTS_RECORD, {"seconds": earlier + time.perf_counter() - started})
+                raise
+            elapsed = earlier + time.perf_counter() - started
+            (folder / ATTEMPTS_RECORD).unlink(missing_ok=True)
             remove_weights(folder)
             record = {
                 "name": run.name,
@@ -422,12 +430,12 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
                 "groups": run.groups,
                 "seed": run.seed,
                 "overrides": run.overrides,
-                "wall_time_s": elapsed,
+                "wall_time_s": elapsed,  # every attempt of the run, interrupted ones included
                 "hardware": machine,
                 # Other processes on the machine slow a run down: its tokens/s is only comparable at similar load.
                 "load_average_1min": [load_before, _load_average()],
             }
-            (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            _write_json(folder / RUN_RECORD, record)
             counts["trained"] += 1
             log(
                 f"{prefix}: best validation loss {results['best_val_loss']:.4f} at step {results['best_step']}, "
@@ -437,6 +445,15 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
             )
         counts.update(tokenized_cache_hits=cache["hit"], tokenized_cache_misses=cache["miss"])
     return counts
+
+
+def _earlier_attempts_s(folder: Path) -> float:
+    path = folder / ATTEMPTS_RECORD
+    return json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _describe(run: PlannedRun) -> str:
