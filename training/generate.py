@@ -187,8 +187,9 @@ def decode_continuation(tokenizer, prompt: str, output_ids: torch.Tensor, prompt
 
 
 @torch.no_grad()
-def stream_samples(model, tokenizer, prompt: str, args: GenerateArguments, out=sys.stdout) -> Generation:
-    """One prompt: each sample is printed token by token while it is generated."""
+def stream_samples(model, tokenizer, prompt: str, args: GenerateArguments) -> Generation:
+    """One prompt: each sample is printed to stdout token by token while it is generated."""
+    out = sys.stdout  # looked up now, where TextStreamer prints too
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
     samples = []
     for index in range(args.num_samples):
@@ -227,12 +228,12 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def run(args: GenerateArguments, out=sys.stdout) -> list[Generation]:
+def run(args: GenerateArguments) -> list[Generation]:
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.seed is not None:
         set_seed(args.seed)
     if args.prompt is not None:
-        return [stream_samples(model, tokenizer, args.prompt, args, out)]
+        return [stream_samples(model, tokenizer, args.prompt, args)]
     prompts = read_prompts(args.prompt_file)
     results = []
     for start in range(0, len(prompts), args.batch_size):
@@ -240,7 +241,7 @@ def run(args: GenerateArguments, out=sys.stdout) -> list[Generation]:
     for number, result in enumerate(results, start=1):
         for index, sample in enumerate(result.samples, start=1):
             suffix = f", sample {index}" if args.num_samples > 1 else ""
-            print(f"### prompt {number}{suffix}\n{sample}\n", file=out, flush=True)
+            print(f"### prompt {number}{suffix}\n{sample}\n", flush=True)
     return results
 
 
