@@ -21,6 +21,7 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	# one torch thread per worker: two workers already fill two cores, more threads only contend
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 .PHONY: setup train test
