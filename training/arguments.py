@@ -131,6 +131,11 @@ class TrainArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
         "no", "autocast precision: fp16 needs a CUDA GPU; bf16 works on CPU and on GPUs that support it"
     )
+    num_threads: int = _arg(
+        1,
+        "PyTorch CPU threads per process; 0 = torch's default (one per core). Small recurrent models gain little "
+        "from more threads and stall badly when cores are shared (threads wait for each other at every time step)",
+    )
     report_to: str = _arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
     log_steps: int = _arg(10, "write a training-loss line to metrics.jsonl every this many steps")
     sample_prompt: str = _arg("The ", "prompt of the text sample generated at the end")
@@ -141,7 +146,14 @@ class TrainArguments:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "eval_steps", "log_steps")
         _check_positive(self, "checkpoint_limit")
         _check_positive(self, "max_steps", "epochs", "early_stopping_patience", allow_none=True)
-        for name in ("eval_batches", "checkpoint_steps", "warmup_steps", "sample_tokens", "max_grad_norm"):
+        for name in (
+            "eval_batches",
+            "checkpoint_steps",
+            "warmup_steps",
+            "sample_tokens",
+            "max_grad_norm",
+            "num_threads",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:

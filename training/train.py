@@ -119,6 +119,16 @@ def run_training(
     `on_batch(step, input_ids)` sees every micro-batch of this process (e.g. to check data sharding).
     Raises `TrainingInterrupted` on Ctrl-C (after saving a checkpoint) and `UserError` on bad input.
     """
+    threads = torch.get_num_threads()
+    if train_args.num_threads:
+        torch.set_num_threads(train_args.num_threads)
+    try:
+        return _run_training(model_args, data_args, train_args, on_batch)
+    finally:
+        torch.set_num_threads(threads)  # a sweep runs several trainings in one process
+
+
+def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     started = time.perf_counter()
     # Everything that can reject the input runs before the first file is written.
     build_model_config(model_args, vocab_size=256, block_size=data_args.block_size)
@@ -221,6 +231,7 @@ def run_training(
         "tokenizer": _tokenizer_kind(tokenizer),
         "architecture": architecture_of(accelerator.unwrap_model(model)),
         "num_processes": accelerator.num_processes,
+        "num_threads": torch.get_num_threads(),  # per process
         "steps": progress.step,
         "stopped_reason": stopped_reason,
     }
