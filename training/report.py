@@ -25,7 +25,6 @@ import yaml
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.arguments import ModelArguments  # noqa: E402
 from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics  # noqa: E402
 
 REPORT_FILE = "REPORT.md"
@@ -34,7 +33,6 @@ SCALING_PLOT = "scaling.png"
 ABLATION_PLOT = "ablation.png"
 GAP_PLOT = "train_val_gap.png"
 ARCHITECTURE_COLORS = {"hybrid": "tab:blue", "gpt2": "tab:orange"}
-MODEL_OPTIONS = {f.name for f in fields(ModelArguments)}
 
 
 @dataclass
@@ -71,6 +69,7 @@ class RunRecord:
     final_train_loss: float
     train_val_gap: float
     stopped_reason: str
+    num_threads: int  # torch CPU threads of the run (per process)
     same_recipe: bool  # changes only model options (size, cell, ...) of the base: such runs form the scaling fit
     overrides: str  # what this run changes in the study's base config
 
@@ -134,7 +133,8 @@ def read_run(folder: Path) -> RunRecord:
         final_train_loss=final_train,
         train_val_gap=final_val - final_train,
         stopped_reason=results["stopped_reason"],
-        same_recipe=set(sweep["overrides"]) <= MODEL_OPTIONS,
+        num_threads=results.get("num_threads", sweep["hardware"]["torch_threads"]),
+        same_recipe=sweep["same_recipe"],
         overrides=", ".join(f"{key}={value}" for key, value in sweep["overrides"].items()),
     )
 
@@ -193,7 +193,7 @@ class Noise:
 
 
 def by_configuration(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs grouped by configuration (seeds pooled), in first-seen order."""
+    """Runs grouped by configuration (seeds pooled), in the order of `records`."""
     groups = defaultdict(list)
     for record in records:
         groups[record.config_id].append(record)
@@ -315,15 +315,19 @@ def plot_scaling(records: list[RunRecord], fits: list[PowerLawFit], path: Path) 
 
 
 def plot_ablation(summary: list[dict], path: Path) -> None:
-    """Mean best validation loss per variation (error bar: std over seeds), coloured by first group."""
-    ordered = sorted(summary, key=lambda item: (item["groups"][0], item["mean_loss"]))
+    """Mean best validation loss per configuration in study order (error bar: std over seeds), coloured by group."""
+    ordered = summary
     groups = list(dict.fromkeys(item["groups"][0] for item in ordered))
     colors = {group: plt.cm.tab10(index % 10) for index, group in enumerate(groups)}
     figure, axes = plt.subplots(figsize=(max(8, 0.6 * len(ordered) + 2), 5), dpi=DPI)
     positions = range(len(ordered))
     means = [item["mean_loss"] for item in ordered]
     errors = [item["std_loss"] or 0.0 for item in ordered]
-    axes.bar(positions, means, yerr=errors, capsize=3, color=[colors[item["groups"][0]] for item in ordered])
+    bars = axes.bar(positions, means, color=[colors[item["groups"][0]] for item in ordered])
+    repeated = [(p, m, item["std_loss"]) for p, m, item in zip(positions, means, ordered) if item["std_loss"]]
+    if repeated:
+        axes.errorbar(*zip(*repeated), fmt="none", ecolor="black", capsize=3)
+    axes.bar_label(bars, [f"{mean:.3f}" for mean in means], fontsize=7, padding=2)
     axes.set_xticks(list(positions), [item["variation"] for item in ordered], rotation=45, ha="right", fontsize=8)
     low, high = min(means), max(m + e for m, e in zip(means, errors))
     margin = 0.15 * (high - low) or 0.05
@@ -365,13 +369,13 @@ def write_report(study, planned: list, output_dir: Path, quick: bool = False) ->
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     folders = {run.name: Path(run.options["output_dir"]) for run in planned}
+    # Study order: groups, bars and seed lists follow the study file; the tables sort by loss themselves.
     records = [read_run(folder) for folder in folders.values() if (folder / "results.json").is_file()]
     if not records:
         raise ValueError(f"no finished run in {output_dir}: nothing to report")
-    records.sort(key=lambda record: record.best_val_loss)
     for stale in output_dir.glob("*.png"):  # plots of groups that no longer exist
         stale.unlink()
-    write_csv(records, output_dir / CSV_FILE)
+    write_csv(sorted(records, key=lambda record: record.best_val_loss), output_dir / CSV_FILE)
 
     summary = variation_summary(records)
     plots = {}
@@ -398,9 +402,7 @@ def render_report(study, planned, records, summary, fits, plots, quick) -> str:
     lines = [f"# Study `{study.name}`{' (quick mode)' if quick else ''}", ""]
     if study.description:
         lines += [study.description, ""]
-    threads = {_sweep_record(planned, record.run)["hardware"].get("omp_num_threads") for record in records}
-    environment = f"OMP_NUM_THREADS={threads.pop()} " if len(threads) == 1 and None not in threads else ""
-    command = f"{environment}hybrid-lm sweep {study.path}{' --quick' if quick else ''}"
+    command = f"hybrid-lm sweep {study.path}{' --quick' if quick else ''}"
     lines += [
         f"Produced by `{command}` from the study file quoted at the end; every number below is read from "
         "the runs' own metrics.jsonl / results.json.",
@@ -438,7 +440,8 @@ def _setup_section(planned, records) -> list[str]:
         machine = _sweep_record(planned, record.run)["hardware"]
         text = (
             f"{machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch_version']} with "
-            f"{machine['torch_threads']} threads" + (f", GPU {machine['cuda']}" if machine.get("cuda") else "")
+            f"{record.num_threads} thread{'s' if record.num_threads != 1 else ''}"
+            + (f", GPU {machine['cuda']}" if machine.get("cuda") else "")
         )
         if text not in machines:
             machines.append(text)
@@ -473,21 +476,23 @@ def _sweep_record(planned, run_name: str) -> dict:
 
 def _results_table(records: list[RunRecord]) -> list[str]:
     header = (
-        "| # | run | arch | cell | params | non-emb params | tokens/s | best step | best val loss | ppl | "
-        "bits/char | final train loss | gap | changes |"
+        "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | best step | best val loss | "
+        "ppl | bits/char | final train loss | gap | changes |"
     )
-    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 14]
-    for rank, r in enumerate(records, start=1):
+    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 15]
+    for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
         stopped = "" if r.stopped_reason == "max_steps" else f" (stopped: {r.stopped_reason})"
         lines.append(
-            f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | {r.num_parameters:,} | "
+            f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | "
+            f"{r.hidden_size} x {r.num_hidden_layers} | {r.num_parameters:,} | "
             f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.best_step} | "
             f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} | {r.final_train_loss:.4f} | "
-            f"{r.train_val_gap:+.4f} | {r.overrides or '(base)'} |"
+            f"{r.train_val_gap:+.4f} | {r.overrides or '(base config)'} |"
         )
     lines += [
         "",
+        "changes: the run's options in the study file (on top of the base config). "
         "params: all parameters (tied embeddings counted once); non-emb: without token/position embeddings "
         "(GPT-2's position table is an embedding). gap: last validation loss minus the last logged train loss "
         "(mean over the last logging window, dropout on); positive means the model fits the training text better "

@@ -41,13 +41,14 @@ from pathlib import Path
 
 import yaml
 
-from training.arguments import ARGUMENT_CLASSES, arguments_from_dict, arguments_to_dict
+from training.arguments import ARGUMENT_CLASSES, ModelArguments, arguments_from_dict, arguments_to_dict
 from training.errors import UserError
 
 STUDY_KEYS = {"name", "description", "base", "grid", "group_by", "variations", "seeds", "quick", "scaling"}
 VARIATION_KEYS = {"name", "group", "seeds"}  # every other key of a variation is a training option
 # The sweep decides where each run goes and that an unfinished run is redone: a study cannot set these.
 SWEEP_OWNED_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
+MODEL_OPTIONS = {f.name for f in dataclasses.fields(ModelArguments)}
 RUNS_FOLDER = "runs"
 RUN_RECORD = "sweep_run.json"  # what the sweep knows about a run (variation, groups, wall time, hardware)
 ATTEMPTS_RECORD = "sweep_interrupted.json"  # wall time of interrupted attempts, added once the run finishes
@@ -90,7 +91,8 @@ class PlannedRun:
     groups: list[str]
     seed: int
     options: dict  # every option of `hybrid-lm train`, output_dir included
-    overrides: dict = field(default_factory=dict)  # what differs from the study's base (seed excluded)
+    overrides: dict = field(default_factory=dict)  # the variation's options, as the study file writes them
+    same_recipe: bool = True  # trained like the base: only model options (size, cell, ...) differ
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -251,24 +253,34 @@ def _first_line(error: Exception) -> str:
 
 def plan_runs(study: Study, runs_dir: Path, quick: bool = False, dataset: str | None = None) -> list[PlannedRun]:
     """Expands the study into runs, each with its complete, validated training options."""
-    defaults = arguments_to_dict(*arguments_from_dict({}))
+    default_seed = arguments_to_dict(*arguments_from_dict({}))["seed"]
     planned = []
     for variation in study.variations:
-        seeds = variation.seeds or study.seeds or [study.base.get("seed", defaults["seed"])]
+        seeds = variation.seeds or study.seeds or [study.base.get("seed", default_seed)]
         for seed in seeds:
             name = variation.name if len(seeds) == 1 else f"{variation.name}-seed{seed}"
-            options = {**study.base, **variation.overrides, "seed": seed, **(study.quick if quick else {})}
-            if dataset is not None:
-                options["dataset"] = dataset
-            options["dataset"] = _absolute_if_local(options.get("dataset", defaults["dataset"]))
-            options["output_dir"] = str(runs_dir / name)
             try:
-                complete = arguments_to_dict(*arguments_from_dict(options))
+                options = _complete_options(study, variation.overrides, seed, quick, dataset)
             except UserError as error:
                 raise UserError(f"study {study.path}, run {name}: {error}") from None
-            overrides = {k: v for k, v in variation.overrides.items() if study.base.get(k, defaults.get(k)) != v}
-            planned.append(PlannedRun(name, variation.name, variation.groups, seed, complete, overrides))
+            # The same run with only its model options applied: equal options mean the base's training recipe.
+            model_only = {key: value for key, value in variation.overrides.items() if key in MODEL_OPTIONS}
+            same_recipe = options == _complete_options(study, model_only, seed, quick, dataset)
+            options["output_dir"] = str(runs_dir / name)
+            planned.append(
+                PlannedRun(name, variation.name, variation.groups, seed, options, variation.overrides, same_recipe)
+            )
     return planned
+
+
+def _complete_options(study: Study, overrides: dict, seed: int, quick: bool, dataset: str | None) -> dict:
+    """Base, then the variation, then the seed, --quick's overrides and --dataset: every option of a run."""
+    options = {**study.base, **overrides, "seed": seed, **(study.quick if quick else {})}
+    if dataset is not None:
+        options["dataset"] = dataset
+    complete = arguments_to_dict(*arguments_from_dict(options))
+    complete["dataset"] = _absolute_if_local(complete["dataset"])
+    return complete
 
 
 def _absolute_if_local(dataset: str) -> str:
@@ -302,8 +314,11 @@ def run_status(run: PlannedRun) -> str:
     arguments_file = folder / "training_args.yaml"
     if arguments_file.is_file():
         used = yaml.safe_load(arguments_file.read_text()) or {}
+        # An option missing from the file did not exist when the run was made: it cannot have been changed.
         changed = sorted(
-            key for key, value in run.options.items() if key not in RUN_ARGUMENTS_IGNORED and used.get(key) != value
+            key
+            for key, value in run.options.items()
+            if key not in RUN_ARGUMENTS_IGNORED and key in used and used[key] != value
         )
         if changed and (folder / "results.json").is_file():
             details = ", ".join(f"{key} {used.get(key)!r} -> {run.options[key]!r}" for key in changed[:4])
@@ -327,8 +342,7 @@ def hardware() -> dict:
     return {
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # set by the caller, e.g. 1 on a shared machine
+        "torch_threads": torch.get_num_threads(),  # the process default; results.json has the run's own count
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -406,6 +420,9 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
             prefix = f"[{index}/{len(planned)}] {run.name}"
             status = run_status(run)
             if status == "finished":
+                # Names and groups come from the study file and may have been edited since: refresh them.
+                record_path = Path(run.options["output_dir"]) / RUN_RECORD
+                _write_json(record_path, {**json.loads(record_path.read_text()), **plan_record(run)})
                 log(f"{prefix}: already finished (results.json exists), skipped")
                 counts["skipped"] += 1
                 continue
@@ -424,18 +441,13 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
             elapsed = earlier + time.perf_counter() - started
             (folder / ATTEMPTS_RECORD).unlink(missing_ok=True)
             remove_weights(folder)
-            record = {
-                "name": run.name,
-                "variation": run.variation,
-                "groups": run.groups,
-                "seed": run.seed,
-                "overrides": run.overrides,
+            measured = {
                 "wall_time_s": elapsed,  # every attempt of the run, interrupted ones included
                 "hardware": machine,
                 # Other processes on the machine slow a run down: its tokens/s is only comparable at similar load.
                 "load_average_1min": [load_before, _load_average()],
             }
-            _write_json(folder / RUN_RECORD, record)
+            _write_json(folder / RUN_RECORD, {**plan_record(run), **measured})
             counts["trained"] += 1
             log(
                 f"{prefix}: best validation loss {results['best_val_loss']:.4f} at step {results['best_step']}, "
@@ -447,6 +459,18 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
     return counts
 
 
+def plan_record(run: PlannedRun) -> dict:
+    """What the report needs to know about a run besides its own files."""
+    return {
+        "name": run.name,
+        "variation": run.variation,
+        "groups": run.groups,
+        "seed": run.seed,
+        "overrides": run.overrides,
+        "same_recipe": run.same_recipe,
+    }
+
+
 def _earlier_attempts_s(folder: Path) -> float:
     path = folder / ATTEMPTS_RECORD
     return json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
@@ -456,10 +480,13 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+SIZE_OPTIONS = ("architecture", "hidden_size", "num_hidden_layers")  # already in the description's first words
+
+
 def _describe(run: PlannedRun) -> str:
     options = run.options
     size = f"{options['architecture']} {options['hidden_size']}x{options['num_hidden_layers']}"
-    changes = ", ".join(f"{key}={value}" for key, value in run.overrides.items() if key not in ("architecture",))
+    changes = ", ".join(f"{key}={value}" for key, value in run.overrides.items() if key not in SIZE_OPTIONS)
     steps = options["max_steps"]
     return f"{size}, seed {run.seed}, {steps} steps" + (f", {changes}" if changes else "")
 
