@@ -270,6 +270,19 @@ def test_early_stopping_keeps_the_best_model(tmp_path):
     )
 
 
+def test_epochs_set_the_number_of_steps_from_the_data(tmp_path):
+    corpus = real_text_file(tmp_path / "data", 3000)
+    options = tiny_options(tmp_path / "out", dataset=str(corpus), epochs=1.5, gradient_accumulation_steps=2)
+    results = run_training(*arguments_from_dict(options))
+    from training.data import load_corpus, tokenize_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    blocks = len(tokenize_corpus(load_corpus(str(corpus)), tokenizer, 32)["train"])
+    batches_per_epoch = blocks // options["batch_size"]
+    assert results["steps"] == math.ceil(1.5 * batches_per_epoch / 2)
+    assert results["train_tokens"] == results["steps"] * 2 * options["batch_size"] * 32
+
+
 def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
     options = tiny_options(tmp_path / "gpt2", architecture="gpt2", max_steps=6, eval_steps=3, sample_tokens=50)
     results = run_training(*arguments_from_dict(options))

@@ -42,6 +42,7 @@ from training.arguments import (
 )
 from training.checkpoints import (
     checkpoint_step,
+    list_checkpoints,
     remove_checkpoints_after,
     remove_temporary_folders,
     resolve_checkpoint,
@@ -136,6 +137,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     resume_from = check_output_dir(output_dir, train_args)
     set_seed(train_args.seed)
     tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
+    train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
     create_output_dir(accelerator, output_dir, train_args)
     if accelerator.is_main_process:
@@ -143,25 +145,6 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         write_arguments_yaml(output_dir / "training_args.yaml", model_args, data_args, used)
         tokenizer.save_pretrained(output_dir)
     optimizer = build_optimizer(model, train_args)
-    loader_seed = torch.Generator().manual_seed(train_args.seed)
-    train_dataloader = DataLoader(
-        tokenized["train"],
-        batch_size=train_args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=_collate,
-        generator=loader_seed,
-    )
-    validation = tokenized["validation"]
-    if train_args.eval_batches:  # the same first blocks at every evaluation, so the numbers are comparable
-        wanted = train_args.eval_batches * train_args.batch_size * accelerator.num_processes
-        validation = validation.select(range(min(wanted, len(validation))))
-    val_dataloader = DataLoader(validation, batch_size=train_args.batch_size, collate_fn=_collate)
-    if len(train_dataloader) == 0:
-        raise UserError(
-            f"the training split has {len(tokenized['train'])} blocks of {data_args.block_size} tokens, fewer than "
-            f"one batch of {train_args.batch_size}; lower --batch-size or --block-size, or use more data"
-        )
     model, optimizer, train_dataloader, val_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, val_dataloader
     )
@@ -217,15 +200,12 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             f"`hybrid-lm train {output_dir / 'training_args.yaml'} --resume-from-checkpoint latest`"
         )
 
-    main_process = accelerator.is_main_process  # metrics.jsonl is written (and read back) by the main process only
     results = {
         "output_dir": str(output_dir),
         "best_step": progress.best_step,
         "best_val_loss": progress.best_val_loss,
-        **(_best_eval_metrics(metrics_file, progress.best_step) if main_process else {}),
         "train_tokens": progress.tokens_seen,
         "wall_time_s": time.perf_counter() - started,
-        "tokens_per_second": _mean_throughput(metrics_file) if main_process else None,
         **count_parameters(accelerator.unwrap_model(model)),
         "dataset": data_args.dataset,
         "tokenizer": _tokenizer_kind(tokenizer),
@@ -236,16 +216,16 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         "stopped_reason": stopped_reason,
     }
     if stopped_reason == "non_finite_loss":
-        last_good = [p for p in sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)]
+        last_good = list_checkpoints(output_dir)
         results["message"] = (
             f"training stopped at step {progress.step + 1}: the loss is {parts.last_loss} (not finite); no checkpoint "
             f"was written after it, the last good one is {last_good[-1] if last_good else 'none'}; resume from it "
             "with a lower --learning-rate (and/or --max-grad-norm 1.0) via --resume-from-checkpoint"
         )
-    if main_process:
+    if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
         finish_output_folder(output_dir, results, train_args)
     accelerator.wait_for_everyone()
-    return results
+    return json.loads((output_dir / "results.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -378,6 +358,29 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
             )
         tokenized = tokenize_corpus(corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc)
     return tokenizer, tokenized
+
+
+def build_dataloaders(tokenized, args: TrainArguments, num_processes: int) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training batches (whole batches only) and the fixed evaluation batches."""
+    train = tokenized["train"]
+    if len(train) < args.batch_size * num_processes:
+        raise UserError(
+            f"the training split has {len(train)} blocks, fewer than one batch of {args.batch_size} per process; "
+            "lower --batch-size or --block-size, or use more data"
+        )
+    train_dataloader = DataLoader(
+        train,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,  # every step sees the same number of tokens
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps loader workers' seeds off the global RNG
+    )
+    validation = tokenized["validation"]
+    if args.eval_batches:  # the same first blocks at every evaluation, so that evaluations compare
+        wanted = args.eval_batches * args.batch_size * num_processes
+        validation = validation.select(range(min(wanted, len(validation))))
+    return train_dataloader, DataLoader(validation, batch_size=args.batch_size, collate_fn=_collate)
 
 
 def _collate(examples: list[dict]) -> dict:
@@ -598,27 +601,19 @@ def _tokenizer_kind(tokenizer) -> str:
     return tokenizer_kind(tokenizer)
 
 
-def _best_eval_metrics(metrics_file: Path, best_step: int) -> dict:
-    """The validation numbers of the best evaluation (val_bits_per_char is null for non-char tokenizers)."""
-    evals = [row for row in read_metrics(metrics_file) if "val_loss" in row and row["step"] == best_step]
-    best = evals[-1] if evals else {}
-    return {
-        "val_perplexity": best.get("val_perplexity"),
-        "val_bits_per_token": best.get("val_bits_per_token"),
-        "val_bits_per_char": best.get("val_bits_per_char") if best and "val_bits_per_char" in best else None,
-    }
-
-
-def _mean_throughput(metrics_file: Path) -> float | None:
-    rows = [row["tokens_per_second"] for row in read_metrics(metrics_file) if "tokens_per_second" in row]
-    return sum(rows) / len(rows) if rows else None
-
-
 def finish_output_folder(output_dir: Path, results: dict, train_args: TrainArguments) -> None:
-    """Sample, plot, results.json and the model card (main process)."""
+    """Best evaluation, throughput, sample, plot, results.json and the model card (main process)."""
+    rows = read_metrics(output_dir / "metrics.jsonl")
+    best = [row for row in rows if "val_loss" in row and row["step"] == results["best_step"]]
+    best = best[-1] if best else {}
+    results["val_perplexity"] = best.get("val_perplexity")
+    results["val_bits_per_token"] = best.get("val_bits_per_token")
+    results["val_bits_per_char"] = best.get("val_bits_per_char")  # null for non-char tokenizers
+    throughputs = [row["tokens_per_second"] for row in rows if "tokens_per_second" in row]
+    results["tokens_per_second"] = sum(throughputs) / len(throughputs) if throughputs else None
     if results["stopped_reason"] != "non_finite_loss" and train_args.sample_tokens and results["best_step"] >= 0:
         results["sample"] = generate_sample(output_dir, train_args)
-    plot_loss_curve(read_metrics(output_dir / "metrics.jsonl"), output_dir / "loss_curve.png", title=output_dir.name)
+    plot_loss_curve(rows, output_dir / "loss_curve.png", title=output_dir.name)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_model_card(output_dir)
 
