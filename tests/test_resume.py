@@ -26,6 +26,7 @@ RESUME_OPTIONS = {
     "eval_steps": 16,
     "checkpoint_steps": 4,
     "checkpoint_limit": 3,
+    "log_steps": 3,  # a log line averages steps from both sides of a checkpoint
     "gradient_accumulation_steps": 2,
     "hidden_dropout": 0.1,
     "attention_dropout": 0.1,

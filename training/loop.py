@@ -31,6 +31,7 @@ class TrainingProgress:
     best_val_loss: float = math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
+    unlogged_losses: list[float] = field(default_factory=list)  # steps since the last log line
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +66,7 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     batches = batch_stream(parts.train_dataloader, accelerator, progress)
     start_step = progress.step
-    window_losses, window_seconds = [], 0.0  # training time only: evaluation and checkpoints do not count
+    window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
     bar = tqdm(
         total=max_steps, initial=start_step, desc="training", unit="step", disable=not accelerator.is_main_process
     )
@@ -135,10 +136,11 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
         window_seconds += time.perf_counter() - step_started
 
         # 6. Log: mean loss and throughput over the steps since the last log line.
-        window_losses.append(parts.last_loss)
+        losses = progress.unlogged_losses
+        losses.append(parts.last_loss)
         if progress.step % args.log_steps == 0 or progress.step == max_steps:
-            tokens_per_second = len(window_losses) * parts.tokens_per_step / max(window_seconds, 1e-9)
-            train_loss = sum(window_losses) / len(window_losses)
+            tokens_per_second = len(losses) * parts.tokens_per_step / max(window_seconds, 1e-9)
+            train_loss = sum(losses) / len(losses)
             parts.log(
                 {
                     "step": progress.step,
@@ -149,7 +151,7 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                 }
             )
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-            window_losses, window_seconds = [], 0.0  # training time only: evaluation and checkpoints do not count
+            window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
         bar.update(1)
     bar.close()
     return stop_reason
