@@ -344,3 +344,18 @@ def test_defaults_describe_the_default_run():
     model, data, train = parse_arguments([])
     assert (data.dataset, data.tokenizer, model.architecture) == ("python-docs", "char", "hybrid")
     assert build_parser().prog == "hybrid-lm train"
+
+
+def test_second_run_on_the_same_data_reuses_the_token_blocks(tmp_path, caplog):
+    corpus = real_text_file(tmp_path / "data", 30_000)
+    cache = tmp_path / "blocks"
+    options = dict(dataset=str(corpus), cache_dir=str(cache), max_steps=2, eval_steps=2)
+    with caplog.at_level("INFO", logger="training.train"):
+        first = run_training(*arguments_from_dict(tiny_options(tmp_path / "first", **options)))
+        assert f"token blocks cached in {cache}" in caplog.text
+        caplog.clear()
+        second = run_training(*arguments_from_dict(tiny_options(tmp_path / "second", **options)))
+        assert f"token blocks loaded from {cache}" in caplog.text
+    assert any(cache.iterdir())
+    # Same blocks, same seed: the cached run trains exactly like the first.
+    assert second["best_val_loss"] == first["best_val_loss"]

@@ -94,6 +94,11 @@ class DataArguments:
     vocab_size: int | None = _arg(None, "BPE vocabulary size (bpe only)")
     block_size: int = _arg(128, "tokens per training sequence")
     num_proc: int = _arg(1, "processes used to tokenize the corpus")
+    cache_dir: str | None = _arg(
+        None,
+        "folder caching tokenized blocks, keyed by corpus, tokenizer and block size, so a second run skips "
+        "tokenization; unset = $XDG_CACHE_HOME/hybrid-lm/blocks (~/.cache/hybrid-lm/blocks); none = no cache",
+    )
 
     def __post_init__(self):
         _check_types(self)

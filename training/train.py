@@ -356,8 +356,20 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
             tokenizer = build_tokenizer(
                 data_args.tokenizer, training_texts(corpus["train"]), data_args.vocab_size, max_length
             )
-        tokenized = tokenize_corpus(corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc)
+        cache_dir = block_cache_dir(data_args.cache_dir)
+        tokenized = tokenize_corpus(
+            corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc, cache_dir=cache_dir
+        )
+        if cache_dir is not None:
+            logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
     return tokenizer, tokenized
+
+
+def block_cache_dir(option: str | None) -> Path | None:
+    """--cache-dir: unset = the user cache folder, `none` = no cache."""
+    if option is not None:
+        return None if option.lower() == "none" else Path(option).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybrid-lm" / "blocks"
 
 
 def build_dataloaders(tokenized, args: TrainArguments, num_processes: int) -> tuple[DataLoader, DataLoader]:
