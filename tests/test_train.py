@@ -359,3 +359,21 @@ def test_second_run_on_the_same_data_reuses_the_token_blocks(tmp_path, caplog):
     assert any(cache.iterdir())
     # Same blocks, same seed: the cached run trains exactly like the first.
     assert second["best_val_loss"] == first["best_val_loss"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_config_files_parse(path):
+    model_args, data_args, train_args = parse_arguments([str(path)])
+    assert model_args.architecture in ("hybrid", "gpt2") and data_args.block_size > 0
+    assert (train_args.max_steps or 0) > 0 or (train_args.epochs or 0) > 0
+
+
+def test_default_config_file_is_the_default_run():
+    from training.arguments import arguments_to_dict
+
+    written_out = arguments_to_dict(
+        *parse_arguments([str(REPO_ROOT / "training" / "configs" / "python-docs-char.yaml")])
+    )
+    defaults = arguments_to_dict(*parse_arguments([]))
+    differences = {name for name in written_out if written_out[name] != defaults[name]} - {"output_dir"}
+    assert not differences, {name: (written_out[name], defaults[name]) for name in differences}
