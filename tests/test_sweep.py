@@ -112,6 +112,8 @@ def test_csv_numbers_are_the_runs_own(swept):
         assert float(row["train_val_gap"]) == pytest.approx(evaluations[-1] - train_losses[-1], abs=1e-12)
         assert int(row["train_tokens"]) == 8 * 4 * 32 == results["train_tokens"]
         assert float(row["tokens_per_second"]) == results["tokens_per_second"] > 0
+        wall_time = json.loads((output / "runs" / row["run"] / "sweep_run.json").read_text())["wall_time_s"]
+        assert float(row["tokens_per_wall_second"]) == results["train_tokens"] / wall_time
         assert int(row["num_non_embedding_parameters"]) == results["num_non_embedding_parameters"]
     by_run = {row["run"]: row for row in rows}
     assert [run for run, row in by_run.items() if row["same_recipe"] == "False"] == ["hybrid-m-fast-lr"]
@@ -133,7 +135,7 @@ def test_report_table_is_sorted_and_matches_the_csv(swept):
     table = report.split("## Results (sorted by best validation loss)")[1].split("\n\n")[1]
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     names = [cells[1].strip() for cells in rows]
-    losses = [float(cells[9]) for cells in rows]
+    losses = [float(cells[10]) for cells in rows]
     assert set(names) == RUN_NAMES and losses == sorted(losses)
     csv_losses = {row["run"]: float(row["best_val_loss"]) for row in _csv(output)}
     assert losses == [float(f"{csv_losses[name]:.4f}") for name in names]

@@ -59,7 +59,8 @@ class RunRecord:
     block_size: int
     train_tokens: int
     wall_time_s: float
-    tokens_per_second: float
+    tokens_per_second: float  # the loop's training throughput (evaluations and saving excluded)
+    tokens_per_wall_second: float  # train_tokens / wall_time_s: everything included, independent of the loop's logs
     best_step: int
     best_val_loss: float
     val_perplexity: float
@@ -124,6 +125,7 @@ def read_run(folder: Path) -> RunRecord:
         train_tokens=results["train_tokens"],
         wall_time_s=sweep["wall_time_s"],
         tokens_per_second=results["tokens_per_second"] or math.nan,
+        tokens_per_wall_second=results["train_tokens"] / sweep["wall_time_s"],
         best_step=results["best_step"],
         best_val_loss=results["best_val_loss"],
         val_perplexity=results["val_perplexity"],
@@ -476,23 +478,25 @@ def _sweep_record(planned, run_name: str) -> dict:
 
 def _results_table(records: list[RunRecord]) -> list[str]:
     header = (
-        "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | best step | best val loss | "
-        "ppl | bits/char | final train loss | gap | changes |"
+        "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | wall min | best step | "
+        "best val loss | ppl | bits/char | final train loss | gap | changes |"
     )
-    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 15]
+    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 16]
     for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
         stopped = "" if r.stopped_reason == "max_steps" else f" (stopped: {r.stopped_reason})"
         lines.append(
             f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | "
             f"{r.hidden_size} x {r.num_hidden_layers} | {r.num_parameters:,} | "
-            f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.best_step} | "
+            f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.wall_time_s / 60:.2f} | "
+            f"{r.best_step} | "
             f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} | {r.final_train_loss:.4f} | "
             f"{r.train_val_gap:+.4f} | {r.overrides or '(base config)'} |"
         )
     lines += [
         "",
-        "changes: the run's options in the study file (on top of the base config). "
+        "tokens/s: training throughput measured by the training loop (evaluations excluded); wall min: the whole "
+        "run. changes: the run's options in the study file (on top of the base config). "
         "params: all parameters (tied embeddings counted once); non-emb: without token/position embeddings "
         "(GPT-2's position table is an embedding). gap: last validation loss minus the last logged train loss "
         "(mean over the last logging window, dropout on); positive means the model fits the training text better "
