@@ -41,6 +41,7 @@ STUDY = {
         "warmup_steps": 2,
         "checkpoint_steps": 0,
         "sample_tokens": 0,
+        "cache_dir": "blocks",  # the token-block cache every run shares (relative to the working folder)
     },
     "variations": [
         {"name": "hybrid-s", "group": ["hybrid", "small"], "seeds": [1, 2]},
@@ -188,10 +189,18 @@ def test_every_plot_is_a_real_png_linked_from_the_report(swept):
         assert (pixels[..., :3] < 0.5).mean() > 0.002, f"{name} is blank"
 
 
+def _cache_written_only_by_the_first_run(folder: Path, output: Path) -> bool:
+    """One cache entry per split, written while the first run prepared its data and never rewritten since."""
+    entries = list((folder / "blocks").glob("blocks-*/stats.json"))
+    first_run_finished = (output / "runs" / "hybrid-s-seed1" / "results.json").stat().st_mtime
+    return len(entries) == 2 and all(entry.stat().st_mtime <= first_run_finished for entry in entries)
+
+
 def test_the_corpus_is_tokenized_once_and_weights_are_not_kept(swept):
-    output, printed = swept[2], swept[3]
-    assert "5 trained, 0 skipped" in printed and "tokenized corpus: 1 built, 4 read from cache" in printed
+    folder, _, output, printed = swept
+    assert "5 trained, 0 skipped" in printed
     assert printed.count("best validation loss") == 5  # one progress line per run
+    assert _cache_written_only_by_the_first_run(folder, output)
     assert not list(output.rglob("*.safetensors")) and not list(output.rglob("checkpoints"))
     assert (output / "runs" / ".gitignore").read_text() == "*\n"  # run folders stay out of git
 
@@ -220,7 +229,7 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(swept, capsys, 
     monkeypatch.setattr(training.train, "run_training", lambda *a, **k: trained.append(a) or original(*a, **k))
     code, out, _ = _sweep(study_path, output, capsys, monkeypatch)
     assert code == 0 and len(trained) == 1 and "1 trained, 4 skipped" in out
-    assert "tokenized corpus: 0 built, 1 read from cache" in out
+    assert _cache_written_only_by_the_first_run(study_path.parent, output)
     rows = {row["run"]: row for row in _csv(output)}
     old = {row["run"]: row for row in csv.DictReader(csv_before.splitlines())}
     for run in RUN_NAMES - {"gpt2-s"}:

@@ -321,7 +321,7 @@ def plot_ablation(summary: list[dict], path: Path) -> None:
     ordered = summary
     groups = list(dict.fromkeys(item["groups"][0] for item in ordered))
     colors = {group: plt.cm.tab10(index % 10) for index, group in enumerate(groups)}
-    figure, axes = plt.subplots(figsize=(max(8, 0.6 * len(ordered) + 2), 5), dpi=DPI)
+    figure, axes = plt.subplots(figsize=(max(8, 0.6 * len(ordered) + 2), 6), dpi=DPI)
     positions = range(len(ordered))
     means = [item["mean_loss"] for item in ordered]
     errors = [item["std_loss"] or 0.0 for item in ordered]
@@ -331,11 +331,11 @@ def plot_ablation(summary: list[dict], path: Path) -> None:
         axes.errorbar(*zip(*repeated), fmt="none", ecolor="black", capsize=3)
     axes.bar_label(bars, [f"{mean:.3f}" for mean in means], fontsize=7, padding=2)
     axes.set_xticks(list(positions), [item["variation"] for item in ordered], rotation=45, ha="right", fontsize=8)
-    low, high = min(means), max(m + e for m, e in zip(means, errors))
+    low, high = min(m - e for m, e in zip(means, errors)), max(m + e for m, e in zip(means, errors))
     margin = 0.15 * (high - low) or 0.05
     axes.set_ylim(low - margin, high + margin)  # not from zero: the differences are a few percent
-    axes.set_ylabel("best validation loss (nats per token; axis not from 0)")
-    axes.set_title("ablation: best validation loss per variation (error bar: std over seeds)")
+    axes.set_ylabel("best validation loss (nats/token)")
+    axes.set_title("best validation loss per configuration (axis not from 0; error bar: std over seeds)", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[group]) for group in groups]
     axes.legend(handles, groups, fontsize=8, title="group")
     axes.grid(alpha=0.3, axis="y")

@@ -27,7 +27,6 @@ stopped when the same command is run again. The report (REPORT.md, results.csv, 
 import argparse
 import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -52,7 +51,6 @@ MODEL_OPTIONS = {f.name for f in dataclasses.fields(ModelArguments)}
 RUNS_FOLDER = "runs"
 RUN_RECORD = "sweep_run.json"  # what the sweep knows about a run (variation, groups, wall time, hardware)
 ATTEMPTS_RECORD = "sweep_interrupted.json"  # wall time of interrupted attempts, added once the run finishes
-TOKENIZED_CACHE = ".tokenized-cache"
 # What a finished run keeps: metrics, results, arguments, plots, tokenizer and card. Weights are deleted.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
@@ -361,33 +359,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@contextlib.contextmanager
-def shared_tokenization_cache(cache_dir: Path):
-    """Makes every run of the sweep read its token blocks from one on-disk cache (keyed by corpus fingerprint,
-    tokenizer and block size), so the corpus is tokenized once per study instead of once per run.
-
-    run_training calls `training.data.tokenize_corpus` without a cache folder; this gives it one for the sweep's
-    duration and counts the cache hits.
-    """
-    import training.data as data
-
-    original = data.tokenize_corpus
-    hits = {"hit": 0, "miss": 0}
-
-    @functools.wraps(original)
-    def cached(corpus, tokenizer, block_size, **kwargs):
-        kwargs.setdefault("cache_dir", cache_dir)
-        tokenized = original(corpus, tokenizer, block_size, **kwargs)
-        hits["hit" if getattr(tokenized, "cache_hit", False) else "miss"] += 1
-        return tokenized
-
-    data.tokenize_corpus = cached
-    try:
-        yield hits
-    finally:
-        data.tokenize_corpus = original
-
-
 def train_one(run: PlannedRun, status: str) -> dict:
     """Trains one run through the same code as `hybrid-lm train` and returns its results.json content."""
     from training.train import run_training
@@ -415,47 +386,45 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
     (runs_dir / ".gitignore").write_text("*\n")
     machine = hardware()
     counts = {"trained": 0, "skipped": 0}
-    with shared_tokenization_cache(runs_dir / TOKENIZED_CACHE) as cache:
-        for index, run in enumerate(planned, start=1):
-            prefix = f"[{index}/{len(planned)}] {run.name}"
-            status = run_status(run)
-            if status == "finished":
-                # Names and groups come from the study file and may have been edited since: refresh them.
-                record_path = Path(run.options["output_dir"]) / RUN_RECORD
-                _write_json(record_path, {**json.loads(record_path.read_text()), **plan_record(run)})
-                log(f"{prefix}: already finished (results.json exists), skipped")
-                counts["skipped"] += 1
-                continue
-            log(
-                f"{prefix}: {'resuming from its last checkpoint' if status == 'resumable' else 'training'} "
-                f"({_describe(run)})"
-            )
-            folder = Path(run.options["output_dir"])
-            earlier = _earlier_attempts_s(folder) if status == "resumable" else 0.0
-            started, load_before = time.perf_counter(), _load_average()
-            try:
-                results = train_one(run, status)
-            except KeyboardInterrupt:  # a checkpoint was saved: the next sweep resumes it, and adds this time
-                _write_json(folder / ATTEMPTS_RECORD, {"seconds": earlier + time.perf_counter() - started})
-                raise
-            elapsed = earlier + time.perf_counter() - started
-            (folder / ATTEMPTS_RECORD).unlink(missing_ok=True)
-            remove_weights(folder)
-            measured = {
-                "wall_time_s": elapsed,  # every attempt of the run, interrupted ones included
-                "hardware": machine,
-                # Other processes on the machine slow a run down: its tokens/s is only comparable at similar load.
-                "load_average_1min": [load_before, _load_average()],
-            }
-            _write_json(folder / RUN_RECORD, {**plan_record(run), **measured})
-            counts["trained"] += 1
-            log(
-                f"{prefix}: best validation loss {results['best_val_loss']:.4f} at step {results['best_step']}, "
-                f"{results['num_non_embedding_parameters']:,} non-embedding parameters, "
-                f"{results.get('tokens_per_second') or 0:,.0f} tokens/s, {elapsed:.0f} s"
-                + ("" if results["stopped_reason"] == "max_steps" else f" (stopped: {results['stopped_reason']})")
-            )
-        counts.update(tokenized_cache_hits=cache["hit"], tokenized_cache_misses=cache["miss"])
+    for index, run in enumerate(planned, start=1):
+        prefix = f"[{index}/{len(planned)}] {run.name}"
+        status = run_status(run)
+        if status == "finished":
+            # Names and groups come from the study file and may have been edited since: refresh them.
+            record_path = Path(run.options["output_dir"]) / RUN_RECORD
+            _write_json(record_path, {**json.loads(record_path.read_text()), **plan_record(run)})
+            log(f"{prefix}: already finished (results.json exists), skipped")
+            counts["skipped"] += 1
+            continue
+        log(
+            f"{prefix}: {'resuming from its last checkpoint' if status == 'resumable' else 'training'} "
+            f"({_describe(run)})"
+        )
+        folder = Path(run.options["output_dir"])
+        earlier = _earlier_attempts_s(folder) if status == "resumable" else 0.0
+        started, load_before = time.perf_counter(), _load_average()
+        try:
+            results = train_one(run, status)
+        except KeyboardInterrupt:  # a checkpoint was saved: the next sweep resumes it, and adds this time
+            _write_json(folder / ATTEMPTS_RECORD, {"seconds": earlier + time.perf_counter() - started})
+            raise
+        elapsed = earlier + time.perf_counter() - started
+        (folder / ATTEMPTS_RECORD).unlink(missing_ok=True)
+        remove_weights(folder)
+        measured = {
+            "wall_time_s": elapsed,  # every attempt of the run, interrupted ones included
+            "hardware": machine,
+            # Other processes on the machine slow a run down: its tokens/s is only comparable at similar load.
+            "load_average_1min": [load_before, _load_average()],
+        }
+        _write_json(folder / RUN_RECORD, {**plan_record(run), **measured})
+        counts["trained"] += 1
+        log(
+            f"{prefix}: best validation loss {results['best_val_loss']:.4f} at step {results['best_step']}, "
+            f"{results['num_non_embedding_parameters']:,} non-embedding parameters, "
+            f"{results.get('tokens_per_second') or 0:,.0f} tokens/s, {elapsed:.0f} s"
+            + ("" if results["stopped_reason"] == "max_steps" else f" (stopped: {results['stopped_reason']})")
+        )
     return counts
 
 
@@ -545,8 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(study, planned, output_dir, quick=args.quick)
     print(
         f"study {study.name}: {counts['trained']} trained, {counts['skipped']} skipped in "
-        f"{time.perf_counter() - started:.0f} s; tokenized corpus: {counts['tokenized_cache_misses']} built, "
-        f"{counts['tokenized_cache_hits']} read from cache; report: {report}"
+        f"{time.perf_counter() - started:.0f} s; report: {report}"
     )
     return 0
 
