@@ -378,3 +378,20 @@ def test_default_config_file_is_the_default_run():
     defaults["max_steps"] = defaults["max_steps"] or DEFAULT_MAX_STEPS  # unset = DEFAULT_MAX_STEPS
     differences = {name for name in written_out if written_out[name] != defaults[name]} - {"output_dir"}
     assert not differences, {name: (written_out[name], defaults[name]) for name in differences}
+
+
+def test_a_train_loss_line_is_the_mean_of_the_steps_since_the_previous_line(tmp_path):
+    corpus = real_text_file(tmp_path / "data", 30_000)
+    common = dict(dataset=str(corpus), max_steps=9, eval_steps=9, cache_dir="none")
+    every_step = run_training(*arguments_from_dict(tiny_options(tmp_path / "every", log_steps=1, **common)))
+    every_third = run_training(*arguments_from_dict(tiny_options(tmp_path / "third", log_steps=3, **common)))
+    step_losses = {
+        row["step"]: row["train_loss"]
+        for row in read_metrics(Path(every_step["output_dir"]) / "metrics.jsonl")
+        if "train_loss" in row
+    }
+    windows = [row for row in read_metrics(Path(every_third["output_dir"]) / "metrics.jsonl") if "train_loss" in row]
+    assert [row["step"] for row in windows] == [3, 6, 9]
+    for row in windows:
+        expected = sum(step_losses[s] for s in range(row["step"] - 2, row["step"] + 1)) / 3
+        assert row["train_loss"] == pytest.approx(expected, rel=1e-6)

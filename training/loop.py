@@ -151,6 +151,7 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                 }
             )
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            losses.clear()
             window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
         bar.update(1)
     bar.close()
