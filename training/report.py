@@ -500,7 +500,9 @@ def _results_table(records: list[RunRecord]) -> list[str]:
         "params: all parameters (tied embeddings counted once); non-emb: without token/position embeddings "
         "(GPT-2's position table is an embedding). gap: last validation loss minus the last logged train loss "
         "(mean over the last logging window, dropout on); positive means the model fits the training text better "
-        "than unseen text.",
+        "than unseen text. Before the end of the first pass over the training split the training batches are unseen "
+        "text too, so there the gap measures how the validation text differs from the training text; growth of the "
+        "gap from pass to pass is what shows overfitting.",
         "",
     ]
     return lines
