@@ -499,13 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     check_dataset(planned)
     for planned_run in planned:  # before any training: an edited study must not silently reuse stale runs
         run_status(planned_run)
-    _quiet_libraries()
     print(f"study {study.name}: {len(planned)} runs{' (quick)' if args.quick else ''} -> {output_dir}")
     started = time.perf_counter()
     from training.train import TrainingInterrupted
 
     try:
-        counts = run_study(planned, runs_dir)
+        with _quiet_libraries():
+            counts = run_study(planned, runs_dir)
     except TrainingInterrupted as stop:
         print(
             f"{stop}\nthe study stopped; run the same `hybrid-lm sweep` command again to continue it", file=sys.stderr
@@ -519,14 +519,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """One progress line per run and the training bar: no per-map bars or info logs from the libraries."""
+@contextlib.contextmanager
+def _quiet_libraries():
+    """One progress line per run and the training bar: no per-map bars or info logs from the libraries.
+    Restored afterwards, for callers that go on in the same process."""
     import datasets
     import transformers
 
+    bars_were_on = datasets.is_progress_bar_enabled()
+    verbosity = transformers.logging.get_verbosity()
+    training_logger = logging.getLogger("training")
+    level = training_logger.level
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    logging.getLogger("training").setLevel(logging.WARNING)
+    training_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+        transformers.logging.set_verbosity(verbosity)
+        training_logger.setLevel(level)
 
 
 if __name__ == "__main__":
