@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,8 +34,10 @@ LR_SCHEDULERS = (
 DEFAULT_MAX_STEPS = 600
 
 
-def _arg(default, help: str, **kwargs):
-    """A dataclass field whose help text shows in `hybrid-lm train --help`."""
+def arg(default=MISSING, help: str = "", **kwargs):
+    """A dataclass field whose help text shows in `--help`; without a default the flag is required."""
+    if default is MISSING:
+        return field(metadata={"help": help, **kwargs})
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -45,24 +47,24 @@ def _arg(default, help: str, **kwargs):
 class ModelArguments:
     """Which model to build and how large."""
 
-    architecture: Literal["hybrid", "gpt2"] = _arg(
+    architecture: Literal["hybrid", "gpt2"] = arg(
         "hybrid", "hybrid: the recurrent + attention model; gpt2: transformers' GPT-2 at the same size, as a baseline"
     )
-    model_config: str | None = _arg(
+    model_config: str | None = arg(
         None, "a config.json (or a folder holding one) to build the model from; replaces the size flags below"
     )
-    hidden_size: int = _arg(128, "width of the residual stream and of the recurrent state")
-    num_hidden_layers: int = _arg(3, "number of blocks")
-    rnn_type: Literal["rnn", "gru", "lstm"] = _arg("gru", "recurrent cell of every block (hybrid only)")
-    num_attention_heads: int = _arg(4, "attention heads; must divide --hidden-size")
-    attention_layers: str = _arg(
+    hidden_size: int = arg(128, "width of the residual stream and of the recurrent state")
+    num_hidden_layers: int = arg(3, "number of blocks")
+    rnn_type: Literal["rnn", "gru", "lstm"] = arg("gru", "recurrent cell of every block (hybrid only)")
+    num_attention_heads: int = arg(4, "attention heads; must divide --hidden-size")
+    attention_layers: str = arg(
         "2", "blocks with attention (hybrid only): all, none, k (every k-th block) or a comma list of indices (0,2)"
     )
-    attention_window: int | None = _arg(None, "sliding attention window in tokens (hybrid only); unset = full causal")
-    intermediate_size: int | None = _arg(None, "MLP width; unset = 4 x --hidden-size")
-    hidden_dropout: float = _arg(0.0, "dropout on embeddings and sub-layer outputs")
-    attention_dropout: float = _arg(0.0, "dropout on attention probabilities")
-    use_residual: bool = _arg(True, "residual connections around every sub-layer (--no-use-residual: ablation)")
+    attention_window: int | None = arg(None, "sliding attention window in tokens (hybrid only); unset = full causal")
+    intermediate_size: int | None = arg(None, "MLP width; unset = 4 x --hidden-size")
+    hidden_dropout: float = arg(0.0, "dropout on embeddings and sub-layer outputs")
+    attention_dropout: float = arg(0.0, "dropout on attention probabilities")
+    use_residual: bool = arg(True, "residual connections around every sub-layer (--no-use-residual: ablation)")
 
     def __post_init__(self):
         _check_types(self)
@@ -84,17 +86,17 @@ class ModelArguments:
 class DataArguments:
     """Where the text comes from and how it becomes blocks of token ids."""
 
-    dataset: str = _arg("python-docs", "a text file, folder or glob, a Hub dataset name, or the built-in python-docs")
-    dataset_config: str | None = _arg(None, "configuration (subset) of a Hub dataset, e.g. wikitext-2-raw-v1")
-    text_column: str = _arg("text", "column holding the text in a Hub or tabular dataset")
-    validation_fraction: float = _arg(0.1, "share of the text held out for validation when there is no such split")
-    tokenizer: str = _arg(
+    dataset: str = arg("python-docs", "a text file, folder or glob, a Hub dataset name, or the built-in python-docs")
+    dataset_config: str | None = arg(None, "configuration (subset) of a Hub dataset, e.g. wikitext-2-raw-v1")
+    text_column: str = arg("text", "column holding the text in a Hub or tabular dataset")
+    validation_fraction: float = arg(0.1, "share of the text held out for validation when there is no such split")
+    tokenizer: str = arg(
         "char", "char (one token per character), bpe (byte-level BPE trained on the corpus) or a path"
     )
-    vocab_size: int | None = _arg(None, "BPE vocabulary size (bpe only)")
-    block_size: int = _arg(128, "tokens per training sequence")
-    num_proc: int = _arg(1, "processes used to tokenize the corpus")
-    cache_dir: str | None = _arg(
+    vocab_size: int | None = arg(None, "BPE vocabulary size (bpe only)")
+    block_size: int = arg(128, "tokens per training sequence")
+    num_proc: int = arg(1, "processes used to tokenize the corpus")
+    cache_dir: str | None = arg(
         None,
         "folder caching tokenized blocks, keyed by corpus, tokenizer and block size, so a second run skips "
         "tokenization; unset = $XDG_CACHE_HOME/hybrid-lm/blocks (~/.cache/hybrid-lm/blocks); none = no cache",
@@ -112,39 +114,39 @@ class DataArguments:
 class TrainArguments:
     """How long and how to train, evaluate, checkpoint and report."""
 
-    output_dir: str | None = _arg(None, "folder for the model, metrics and checkpoints; unset = runs/hybrid-lm-<time>")
-    overwrite_output_dir: bool = _arg(False, "delete a previous run in --output-dir instead of refusing to start")
-    batch_size: int = _arg(16, "sequences per micro-batch and process")
-    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
-    learning_rate: float = _arg(3e-3, "peak learning rate of AdamW")
-    lr_scheduler: str = _arg("cosine", f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULERS)}")
-    min_lr_rate: float = _arg(0.1, "final learning rate as a fraction of the peak (cosine_with_min_lr schedules)")
-    warmup_steps: int = _arg(50, "optimizer steps of linear warmup")
-    weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
-    max_grad_norm: float = _arg(1.0, "clip the gradient norm to this value; 0 disables clipping")
-    max_steps: int | None = _arg(None, f"optimizer steps to train; unset = from --epochs, else {DEFAULT_MAX_STEPS}")
-    epochs: float | None = _arg(None, "passes over the training split (instead of --max-steps)")
-    eval_steps: int = _arg(100, "evaluate on the validation split every this many steps")
-    eval_batches: int = _arg(20, "validation batches per evaluation; 0 = the whole validation split")
-    early_stopping_patience: int | None = _arg(
+    output_dir: str | None = arg(None, "folder for the model, metrics and checkpoints; unset = runs/hybrid-lm-<time>")
+    overwrite_output_dir: bool = arg(False, "delete a previous run in --output-dir instead of refusing to start")
+    batch_size: int = arg(16, "sequences per micro-batch and process")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    learning_rate: float = arg(3e-3, "peak learning rate of AdamW")
+    lr_scheduler: str = arg("cosine", f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULERS)}")
+    min_lr_rate: float = arg(0.1, "final learning rate as a fraction of the peak (cosine_with_min_lr schedules)")
+    warmup_steps: int = arg(50, "optimizer steps of linear warmup")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this value; 0 disables clipping")
+    max_steps: int | None = arg(None, f"optimizer steps to train; unset = from --epochs, else {DEFAULT_MAX_STEPS}")
+    epochs: float | None = arg(None, "passes over the training split (instead of --max-steps)")
+    eval_steps: int = arg(100, "evaluate on the validation split every this many steps")
+    eval_batches: int = arg(20, "validation batches per evaluation; 0 = the whole validation split")
+    early_stopping_patience: int | None = arg(
         None, "stop after this many evaluations without a lower validation loss; unset = never"
     )
-    checkpoint_steps: int = _arg(200, "save a resumable checkpoint every this many steps; 0 = only at the end")
-    checkpoint_limit: int = _arg(2, "keep only the newest this many checkpoints")
-    resume_from_checkpoint: str | None = _arg(None, "a checkpoint folder, or latest (newest in --output-dir)")
-    seed: int = _arg(1337, "seed of weights, data order and dropout")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _arg(
+    checkpoint_steps: int = arg(200, "save a resumable checkpoint every this many steps; 0 = only at the end")
+    checkpoint_limit: int = arg(2, "keep only the newest this many checkpoints")
+    resume_from_checkpoint: str | None = arg(None, "a checkpoint folder, or latest (newest in --output-dir)")
+    seed: int = arg(1337, "seed of weights, data order and dropout")
+    mixed_precision: Literal["no", "fp16", "bf16"] = arg(
         "no", "autocast precision: fp16 needs a CUDA GPU; bf16 works on CPU and on GPUs that support it"
     )
-    num_threads: int = _arg(
+    num_threads: int = arg(
         1,
         "PyTorch CPU threads per process; 0 = torch's default (one per core). Small recurrent models gain little "
         "from more threads and stall badly when cores are shared (threads wait for each other at every time step)",
     )
-    report_to: str = _arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
-    log_steps: int = _arg(10, "write a training-loss line to metrics.jsonl every this many steps")
-    sample_prompt: str = _arg("The ", "prompt of the text sample generated at the end")
-    sample_tokens: int = _arg(200, "tokens of the text sample generated at the end; 0 = no sample")
+    report_to: str = arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
+    log_steps: int = arg(10, "write a training-loss line to metrics.jsonl every this many steps")
+    sample_prompt: str = arg("The ", "prompt of the text sample generated at the end")
+    sample_tokens: int = arg(200, "tokens of the text sample generated at the end; 0 = no sample")
 
     def __post_init__(self):
         _check_types(self)
@@ -199,8 +201,9 @@ def format_attention_layers(layers: str | int | list[int]) -> str:
     return str(layers)
 
 
-class _ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose usage errors are one line (a UserError), not argparse's usage dump."""
+class CommandParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors are one line (a UserError) naming the command's --help, not argparse's
+    usage dump. Every `hybrid-lm` subcommand built on dataclasses parses with it."""
 
     def error(self, message: str):
         raise UserError(f"{message} (see `{self.prog} --help`)")
@@ -211,8 +214,8 @@ class _ArgumentParser(HfArgumentParser):
         return super().add_argument(*dashed, **kwargs)
 
 
-def build_parser() -> _ArgumentParser:
-    parser = _ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         ARGUMENT_CLASSES,
         prog="hybrid-lm train",
         description="Train a language model with accelerate. Give flags, or one YAML file (keys = option names "

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from training.arguments import arg
 from training.errors import UserError
-from training.generate import arg, check_model_folder, parse_command
+from training.generate import check_model_folder, parse_command
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from training.arguments import arg
 from training.errors import UserError
-from training.generate import arg, load_model_and_tokenizer, parse_command
+from training.generate import load_model_and_tokenizer, parse_command
 
 SPLITS = ("validation", "train")
 DEFAULT_BLOCK_SIZE = 128

@@ -5,21 +5,21 @@ left-padded batches and prints each prompt's samples at the end. Prompts are enc
 (a trailing EOS would end generation at once); an empty prompt starts from EOS, the token that precedes every
 document in training. The same `--seed` gives the same text.
 
-This module also holds what the other commands that read a saved model share: `load_model_and_tokenizer`
-and `CommandParser`.
+This module also holds what the other commands that read a saved model share: `load_model_and_tokenizer`,
+`check_model_folder` and `parse_command`.
 """
 
 import argparse
 import logging
 import sys
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TextStreamer, set_seed
 from transformers import logging as transformers_logging
 
-from training.arguments import _ArgumentParser
+from training.arguments import CommandParser, arg
 from training.errors import UserError
 from training.tokenization import build_tokenizer
 
@@ -29,13 +29,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------
 # Shared by the commands that read a saved model
 # --------------------------------------------------------------------------------------------------------
-
-
-class CommandParser(_ArgumentParser):
-    """HfArgumentParser with dashed flags whose usage errors are one line naming this command's --help."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def parse_command(argument_class: type, argv: list[str], prog: str, description: str):
@@ -49,13 +42,6 @@ def parse_command(argument_class: type, argv: list[str], prog: str, description:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return arguments
-
-
-def arg(default=MISSING, help: str = "", **kwargs):
-    """A dataclass field whose help shows in `--help`; without a default the flag is required."""
-    if default is MISSING:
-        return field(metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
 
 
 def check_model_folder(path: str | Path) -> Path:

@@ -19,8 +19,9 @@ import matplotlib
 import torch
 from transformers import AutoConfig, AutoModel
 
+from training.arguments import arg
 from training.errors import UserError
-from training.generate import arg, check_model_folder, load_model_and_tokenizer, parse_command
+from training.generate import check_model_folder, load_model_and_tokenizer, parse_command
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
