@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
+from training.train import count_parameters
 
 VOCAB_SIZE = 256  # byte-sized vocabulary: embeddings stay small next to the blocks, as in a char-level model
 HIDDEN_SIZE = 256
@@ -94,8 +95,8 @@ def gpt2(layers: int, positions: int) -> GPT2LMHeadModel:
 
 
 def non_embedding_parameters(model) -> int:
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    """Counted as in every run's results.json."""
+    return count_parameters(model)["num_non_embedding_parameters"]
 
 
 def matched_gpt2(target: int, positions: int) -> GPT2LMHeadModel:
