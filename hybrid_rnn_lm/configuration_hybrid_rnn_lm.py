@@ -2,7 +2,9 @@
 
 from transformers import PreTrainedConfig
 
-RNN_TYPES = ("rnn", "gru", "lstm")
+FUSED_RNN_TYPES = ("rnn", "gru", "lstm")  # torch's fused nn.RNN / nn.GRU / nn.LSTM: a sequential loop over time
+SCAN_RNN_TYPES = ("mingru", "minlstm")  # gates from the input only: a whole block at once with a parallel scan
+RNN_TYPES = FUSED_RNN_TYPES + SCAN_RNN_TYPES
 
 
 class HybridRnnLmConfig(PreTrainedConfig):
@@ -17,7 +19,12 @@ class HybridRnnLmConfig(PreTrainedConfig):
         vocab_size (`int`, defaults to 256): size of the token vocabulary.
         hidden_size (`int`, defaults to 256): width of the residual stream and of the recurrent state.
         num_hidden_layers (`int`, defaults to 4): number of blocks.
-        rnn_type (`str`, defaults to `"gru"`): recurrent cell, one of `"rnn"` (tanh Elman), `"gru"`, `"lstm"`.
+        rnn_type (`str`, defaults to `"gru"`): recurrent cell, one of `"rnn"` (tanh Elman), `"gru"`, `"lstm"` (torch's
+            fused cells, sequential over time) or `"mingru"`, `"minlstm"` (Feng et al. 2024, "Were RNNs All We
+            Needed?": gates that depend on the input only, so training and prefill run a parallel scan; built from
+            `nn.Linear`, so LoRA reaches them).
+        scan_chunk_size (`int`, defaults to 32): time steps per chunk of the parallel scan of `mingru` / `minlstm`
+            (a scan inside each chunk, a short loop over chunks). Only speed depends on it, never the result.
         num_attention_heads (`int`, defaults to 4): heads of every attention layer; must divide `hidden_size`.
         attention_layers (`str | int | list[int]`, defaults to `"all"`): which blocks carry attention:
             `"all"`, `"none"` (pure recurrent model), an int `k` (every k-th block: blocks k-1, 2k-1, ...), or an
@@ -56,6 +63,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         hidden_size: int = 256,
         num_hidden_layers: int = 4,
         rnn_type: str = "gru",
+        scan_chunk_size: int = 32,
         num_attention_heads: int = 4,
         attention_layers: str | int | list[int] = "all",
         attention_window: int | None = None,
@@ -80,6 +88,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.rnn_type = rnn_type
+        self.scan_chunk_size = scan_chunk_size
         self.num_attention_heads = num_attention_heads
         self.attention_layers = list(attention_layers) if isinstance(attention_layers, tuple) else attention_layers
         self.attention_window = attention_window
@@ -122,14 +131,22 @@ class HybridRnnLmConfig(PreTrainedConfig):
 
     @property
     def num_recurrent_states(self) -> int:
-        """LSTMs carry two states (h, c); RNN and GRU one."""
+        """LSTMs carry two states (h, c); the other cells one (minLSTM's output is its state)."""
         return 2 if self.rnn_type == "lstm" else 1
 
     def _validate_fields(self):
         def fail(field, message):
             raise ValueError(f"HybridRnnLmConfig.{field}: {message}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        positive_fields = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "scan_chunk_size",
+        )
+        for field in positive_fields:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, f"must be a positive integer, got {value!r}")

@@ -1,14 +1,15 @@
 """Hybrid recurrent + attention language model.
 
-Each block is pre-norm residual: a recurrent mixer (torch's fused nn.RNN / nn.GRU / nn.LSTM), then causal
-self-attention where the config puts it, then an MLP. The recurrence gives every position its order, so
-attention needs no positional embedding.
+Each block is pre-norm residual: a recurrent mixer (torch's fused nn.RNN / nn.GRU / nn.LSTM, or a minGRU /
+minLSTM computed with a parallel scan), then causal self-attention where the config puts it, then an MLP. The
+recurrence gives every position its order, so attention needs no positional embedding.
 
 Generation keeps everything in the standard transformers `DynamicCache`: a block without attention is a
 "linear_attention" slot (recurrent state only), a block with attention a "hybrid" slot (recurrent state plus
 keys/values, bounded by the window for sliding attention). Each new token then costs one recurrent step.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,19 @@ AUTO_MAP = {
 }
 
 
+def _read_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
+    """The cached state of block `layer_idx`, (B, S, H), or None before the first step."""
+    return None if cache is None else cache.get_recurrent_state(layer_idx)
+
+
+def _write_recurrent_state(cache: Cache | None, state: torch.Tensor, layer_idx: int) -> None:
+    if cache is None:
+        return
+    cache.update_recurrent_state(state, layer_idx)
+    # Only conv-state updates set this flag; without it the next step would restart from a zero state.
+    cache.layers[layer_idx].has_previous_state[0] = True
+
+
 class HybridRnnLmRecurrentMixer(nn.Module):
     """A fused single-layer RNN / GRU / LSTM followed by a linear projection back to the residual width.
 
@@ -64,21 +78,15 @@ class HybridRnnLmRecurrentMixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
     ) -> torch.Tensor:
-        initial_state = None
-        if cache is not None:
-            cached = cache.get_recurrent_state(self.layer_idx)  # (B, S, H) or None before the first step
-            if cached is not None:
-                initial_state = self._to_torch_state(cached)
+        cached = _read_recurrent_state(cache, self.layer_idx)
+        initial_state = None if cached is None else self._to_torch_state(cached)
 
         if padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
             output, final_state = self._forward_padded(hidden_states, padding_mask, initial_state)
 
-        if cache is not None:
-            cache.update_recurrent_state(self._to_cache_state(final_state), self.layer_idx)
-            # Only conv-state updates set this flag; without it the next step would restart from a zero state.
-            cache.layers[self.layer_idx].has_previous_state[0] = True
+        _write_recurrent_state(cache, self._to_cache_state(final_state), self.layer_idx)
         return self.out_proj(output)
 
     def _forward_padded(self, hidden_states, padding_mask, initial_state):
@@ -122,6 +130,149 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         if self.is_lstm:
             return tuple(torch.where(rows[None, :, None], a, b) for a, b in zip(if_true, if_false))
         return torch.where(rows[None, :, None], if_true, if_false)
+
+
+def linear_recurrence_reference(
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t, one time step after another: the slow, obviously correct path.
+
+    a, b: (B, T, H); initial_state: (B, H) or None (zeros). Returns every h_t, (B, T, H).
+    """
+    state = torch.zeros_like(b[:, 0]) if initial_state is None else initial_state
+    outputs = []
+    for t in range(b.shape[1]):
+        state = a[:, t] * state + b[:, t]
+        outputs.append(state)
+    return torch.stack(outputs, dim=1)
+
+
+def linear_recurrence_scan(
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None, chunk_size: int = 32
+) -> torch.Tensor:
+    """The same h_t = a_t * h_{t-1} + b_t for a whole block at once, in plain PyTorch.
+
+    Inside each chunk of `chunk_size` steps a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
+    vectorised passes; a short loop over chunks then carries the state from one chunk into the next. Every gate is
+    in [0, 1], so the scan only multiplies numbers of at most 1 and adds: nothing can overflow, at any length.
+    Computed in float32 (bf16 inputs included) and returned in the dtype of `b`.
+    """
+    dtype = b.dtype
+    a, b = a.float(), b.float()
+    batch, length, width = b.shape
+    if length == 1:  # a decoding step
+        output = b if initial_state is None else torch.addcmul(b, a, initial_state.float()[:, None])
+        return output.to(dtype)
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    if pad:  # a = 1, b = 0 past the end: the padded steps change nothing and are cut off below
+        a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
+        b = nn.functional.pad(b, (0, 0, 0, pad))
+    num_chunks = (length + pad) // chunk
+    a = a.view(batch, num_chunks, chunk, width)
+    b = b.view(batch, num_chunks, chunk, width)
+    # 1. Scan inside every chunk at once: afterwards b[.., t, :] is h_t from a zero state at the chunk start and
+    #    a[.., t, :] the product of the gates since that start.
+    offset = 1
+    while offset < chunk:
+        b = torch.cat([b[:, :, :offset], torch.addcmul(b[:, :, offset:], a[:, :, offset:], b[:, :, :-offset])], dim=2)
+        a = torch.cat([a[:, :, :offset], a[:, :, offset:] * a[:, :, :-offset]], dim=2)
+        offset *= 2
+    if num_chunks == 1 and initial_state is None:
+        return b.view(batch, -1, width)[:, :length].to(dtype)
+    # 2. The state entering each chunk, chunk after chunk; 3. add its decayed contribution everywhere.
+    state = torch.zeros_like(b[:, 0, 0]) if initial_state is None else initial_state.float()
+    entering = []
+    for index in range(num_chunks):
+        entering.append(state)
+        state = torch.addcmul(b[:, index, -1], a[:, index, -1], state)
+    output = torch.addcmul(b, a, torch.stack(entering, dim=1)[:, :, None])  # (B, n, chunk, H)
+    return output.view(batch, -1, width)[:, :length].to(dtype)
+
+
+class HybridRnnLmScanMixer(nn.Module):
+    """minGRU / minLSTM (Feng et al. 2024): a recurrence whose gates depend on the input only, so that a whole block
+    is computed at once by `linear_recurrence_scan`, then a linear projection back to the residual width.
+
+        minGRU:  z_t = sigmoid(W_z x_t),  h~_t = W_h x_t,  h_t = (1 - z_t) * h_{t-1} + z_t * h~_t
+        minLSTM: f_t = sigmoid(W_f x_t),  i_t = sigmoid(W_i x_t),  h~_t = W_h x_t,
+                 h_t = f_t / (f_t + i_t) * h_{t-1} + i_t / (f_t + i_t) * h~_t
+
+    Both are h_t = a_t * h_{t-1} + b_t with a_t in (0, 1). A padded position gets a = 1, b = 0, so it leaves the state
+    exactly unchanged; decoding is one such step per token, the state (B, 1, H) in the cache. Every weight is an
+    `nn.Linear` (`in_proj`, `out_proj`), so LoRA and quantisation reach the recurrence.
+    """
+
+    def __init__(self, config: HybridRnnLmConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.chunk_size = config.scan_chunk_size
+        self.num_gates = 1 if config.rnn_type == "mingru" else 2
+        width = config.hidden_size
+        projection_width = (self.num_gates + 1) * width  # gate(s), then the candidate h~
+        self.in_proj = nn.Linear(width, projection_width)
+        self.in_proj.gate_bias_init = config.rnn_type  # read by _init_weights (timescale spread of the gates)
+        if config.bidirectional:
+            self.in_proj_reverse = nn.Linear(width, projection_width)
+            self.in_proj_reverse.gate_bias_init = config.rnn_type
+        directions = 2 if config.bidirectional else 1
+        self.out_proj = nn.Linear(directions * width, width)
+
+    def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj's output (B, T, (gates + 1) * H) -> a, b of h_t = a_t * h_{t-1} + b_t, in float32."""
+        if self.num_gates == 1:
+            gate, candidate = projected.float().chunk(2, dim=-1)
+            keep = torch.sigmoid(-gate)  # 1 - z, computed without cancellation
+            return keep, torch.sigmoid(gate) * candidate
+        forget, write, candidate = projected.float().chunk(3, dim=-1)
+        forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+        total = forget + write
+        return forget / total, write / total * candidate
+
+    def _run(self, projection, hidden_states, padding_mask, initial_state):
+        a, b = self._coefficients(projection(hidden_states))
+        if padding_mask is not None:
+            real = padding_mask[..., None]  # (B, T, 1)
+            a = torch.where(real, a, torch.ones_like(a))
+            b = torch.where(real, b, torch.zeros_like(b))
+        return linear_recurrence_scan(a, b, initial_state, self.chunk_size)  # (B, T, H) float32
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        cached = _read_recurrent_state(cache, self.layer_idx)  # (B, 1, H) or None
+        initial_state = None if cached is None else cached[:, 0]
+        output = self._run(self.in_proj, hidden_states, padding_mask, initial_state)
+        _write_recurrent_state(cache, output[:, -1:].to(hidden_states.dtype), self.layer_idx)
+        if hasattr(self, "in_proj_reverse"):  # encoder use: the same recurrence from the last token backwards
+            mask = None if padding_mask is None else padding_mask.flip(1)
+            reverse = self._run(self.in_proj_reverse, hidden_states.flip(1), mask, None).flip(1)
+            output = torch.cat([output, reverse], dim=-1)
+        if padding_mask is not None:  # as the fused cells: padded positions output zeros
+            output = output.masked_fill(~padding_mask[..., None], 0.0)
+        return self.out_proj(output.to(hidden_states.dtype))
+
+
+RECURRENT_MIXERS = {
+    "rnn": HybridRnnLmRecurrentMixer,
+    "gru": HybridRnnLmRecurrentMixer,
+    "lstm": HybridRnnLmRecurrentMixer,
+    "mingru": HybridRnnLmScanMixer,
+    "minlstm": HybridRnnLmScanMixer,
+}
+
+
+def scan_gate_bias(rnn_type: str, width: int) -> torch.Tensor:
+    """Initial gate biases that spread the channels' memory over time scales from 2 to 256 steps.
+
+    With zero biases every channel keeps half of its state per step (a = 0.5) and forgets within a few tokens. As
+    Mamba and RG-LRU do, channel j starts with a retention a_j = 1 - 1 / tau_j, tau_j log-spaced in [2, 256].
+    minGRU's gate is z = 1 - a (bias -logit(a)); minLSTM's a = f / (f + i) equals sigmoid(beta) for biases +beta / -beta.
+    """
+    timescale = torch.logspace(math.log10(2.0), math.log10(256.0), width)
+    retention = 1.0 - 1.0 / timescale
+    logit = torch.log(retention) - torch.log1p(-retention)
+    return -logit if rnn_type == "mingru" else torch.cat([logit, -logit])
 
 
 def eager_attention_forward(
@@ -207,7 +358,7 @@ class HybridRnnLmBlock(GradientCheckpointingLayer):
         self.use_residual = config.use_residual
         self.has_attention = layer_idx in config.attention_layer_indices
         self.rnn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.rnn = HybridRnnLmRecurrentMixer(config, layer_idx)
+        self.rnn = RECURRENT_MIXERS[config.rnn_type](config, layer_idx)
         if self.has_attention:
             self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.attn = HybridRnnLmAttention(config, layer_idx)
@@ -238,6 +389,7 @@ class HybridRnnLmPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    _is_stateful = True  # a recurrent state cannot be cropped: assisted / prompt-lookup decoding are refused up front
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -245,7 +397,12 @@ class HybridRnnLmPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                init.zeros_(module.bias)
+                rnn_type = getattr(module, "gate_bias_init", None)  # the input projection of a scan cell
+                if rnn_type is None:
+                    init.zeros_(module.bias)
+                else:  # gate biases first, zeros for the candidate; copy_ skips a bias loaded from a checkpoint
+                    gates = scan_gate_bias(rnn_type, self.config.hidden_size)
+                    init.copy_(module.bias, torch.cat([gates, gates.new_zeros(module.bias.numel() - gates.numel())]))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):

@@ -18,6 +18,7 @@ from hybrid_rnn_lm import (
     HybridRnnLmForSequenceClassification,
     HybridRnnLmModel,
 )
+from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
 from tests.isolation import run_without_package
 from tests.test_modeling import peaky_model, random_ids, tiny_config
 
@@ -30,7 +31,7 @@ def test_auto_classes_resolve_to_ours():
     assert type(AutoModelForSequenceClassification.from_config(config)) is HybridRnnLmForSequenceClassification
 
 
-@pytest.mark.parametrize("rnn_type", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
 def test_save_and_reload_gives_identical_logits(tmp_path, rnn_type):
     model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=4))
     model.save_pretrained(tmp_path)
@@ -49,8 +50,9 @@ def test_save_and_reload_gives_identical_logits(tmp_path, rnn_type):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
-def test_trust_remote_code_loads_without_the_package(tmp_path):
-    model = peaky_model(tiny_config("lstm", "sliding-window"))
+@pytest.mark.parametrize("rnn_type", ["lstm", "mingru", "minlstm"])
+def test_trust_remote_code_loads_without_the_package(tmp_path, rnn_type):
+    model = peaky_model(tiny_config(rnn_type, "sliding-window"))
     folder = tmp_path / "exported"
     model.save_pretrained(folder)
     ids = random_ids(1, 6)

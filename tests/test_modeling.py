@@ -7,9 +7,9 @@ from hybrid_rnn_lm import (
     HybridRnnLmConfig,
     HybridRnnLmForCausalLM,
 )
+from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
 
 VOCAB = 37
-RNN_TYPES = ["rnn", "gru", "lstm"]
 # (attention_layers, attention_window): pure RNN, attention everywhere, sliding window, every other layer.
 LAYOUTS = {
     "no-attention": ("none", None),

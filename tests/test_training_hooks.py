@@ -9,7 +9,7 @@ from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM, HybridRnnLm
 from tests.test_modeling import VOCAB, peaky_model, random_ids, tiny_config
 
 
-@pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
+@pytest.mark.parametrize("rnn_type", ["gru", "lstm", "mingru", "minlstm"])
 def test_gradient_checkpointing_gives_the_same_gradients(rnn_type):
     model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=4))
     model.train()
@@ -71,9 +71,10 @@ def test_untied_embeddings_are_separate_parameters():
     assert untied_count - sum(p.numel() for p in tied.parameters()) == VOCAB * 32
 
 
+@pytest.mark.parametrize("rnn_type", ["gru", "mingru", "minlstm"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
-def test_classifier_pools_the_last_real_token_whatever_the_padding(bidirectional):
-    config = tiny_config("gru", "all-attention", num_labels=3, bidirectional=bidirectional)
+def test_classifier_pools_the_last_real_token_whatever_the_padding(bidirectional, rnn_type):
+    config = tiny_config(rnn_type, "all-attention", num_labels=3, bidirectional=bidirectional)
     torch.manual_seed(0)
     model = HybridRnnLmForSequenceClassification(config).eval()
     short, long = random_ids(1, 4, seed=1)[0], random_ids(1, 7, seed=2)[0]
@@ -94,8 +95,9 @@ def test_classifier_pools_the_last_real_token_whatever_the_padding(bidirectional
     assert model(ids, attention_mask=mask, labels=labels).loss.item() > 0
 
 
-def test_bidirectional_recurrence_sees_the_future_and_is_refused_for_causal_lm():
-    config = tiny_config("lstm", "all-attention", bidirectional=True, num_labels=2)
+@pytest.mark.parametrize("rnn_type", ["lstm", "minlstm"])
+def test_bidirectional_recurrence_sees_the_future_and_is_refused_for_causal_lm(rnn_type):
+    config = tiny_config(rnn_type, "no-attention", bidirectional=True, num_labels=2)
     torch.manual_seed(0)
     encoder = HybridRnnLmForSequenceClassification(config).eval()
     ids = random_ids(1, 6)

@@ -1,0 +1,151 @@
+"""The parallel-scan cells (mingru / minlstm): the scan against its sequential reference, numerics, padding, LoRA,
+initialisation."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from hybrid_rnn_lm import HybridRnnLmForCausalLM
+from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
+    linear_recurrence_reference,
+    linear_recurrence_scan,
+    scan_gate_bias,
+)
+from tests.test_modeling import peaky_model, random_ids, tiny_config
+
+CHUNK = 8
+SCAN_TYPES = ["mingru", "minlstm"]
+
+
+def gates_and_inputs(length: int, seed: int = 0, batch: int = 3, width: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(batch, length, width, generator=generator)  # gates in (0, 1), as the cells make them
+    b = torch.randn(batch, length, width, generator=generator)
+    h0 = torch.randn(batch, width, generator=generator)
+    return a, b, h0
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1, 257])
+def test_scan_equals_the_sequential_reference_forward_and_gradients(length, with_state):
+    a, b, h0 = gates_and_inputs(length)
+    inputs = [a, b, h0] if with_state else [a, b]
+    fast_inputs = [t.clone().requires_grad_() for t in inputs]
+    slow_inputs = [t.clone().requires_grad_() for t in inputs]
+    fast = linear_recurrence_scan(*fast_inputs, chunk_size=CHUNK)
+    slow = linear_recurrence_reference(*slow_inputs)
+    assert fast.shape == (3, length, 5)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    weights = torch.randn_like(fast)  # a loss that weighs every output differently
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    for fast_input, slow_input in zip(fast_inputs, slow_inputs):
+        # From a zero state the first gate multiplies zero: no gradient path at all, or a zero gradient.
+        fast_grad = torch.zeros_like(fast_input) if fast_input.grad is None else fast_input.grad
+        assert (fast_grad - slow_input.grad).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 32, 1000])
+def test_chunk_size_changes_only_speed(chunk_size):
+    a, b, h0 = gates_and_inputs(100, seed=1)
+    reference = linear_recurrence_reference(a, b, h0)
+    torch.testing.assert_close(linear_recurrence_scan(a, b, h0, chunk_size=chunk_size), reference, atol=1e-5, rtol=0)
+
+
+def test_bf16_long_sequences_stay_finite_and_close_to_fp32():
+    # Gates close to 1 (long memory) and close to 0 over 4096 steps: no overflow, no underflow to NaN.
+    a, b, h0 = gates_and_inputs(4096, seed=2, batch=2, width=8)
+    a = torch.cat([a[..., :4] ** 0.01, a[..., 4:] ** 100], dim=-1)
+    reference = linear_recurrence_reference(a.double(), b.double(), h0.double())
+    fp32 = linear_recurrence_scan(a, b, h0, chunk_size=32)
+    assert (fp32.double() - reference).abs().max().item() <= 1e-4
+    bf16 = linear_recurrence_scan(a.bfloat16(), b.bfloat16(), h0.bfloat16(), chunk_size=32)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    # Only the rounding of the inputs and of the output to bf16 remains: the scan itself runs in fp32.
+    rounded = linear_recurrence_reference(a.bfloat16().double(), b.bfloat16().double(), h0.bfloat16().double())
+    assert (bf16.double() - rounded).abs().max().item() <= 0.01 * rounded.abs().max().item()
+
+
+@pytest.mark.parametrize("rnn_type", SCAN_TYPES)
+def test_model_runs_a_sequential_loop_nowhere_but_in_the_reference(rnn_type, monkeypatch):
+    """The model's forward uses the scan; swapping in the reference gives the same logits."""
+    import hybrid_rnn_lm.modeling_hybrid_rnn_lm as modeling
+
+    model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=2, scan_chunk_size=4))
+    ids = random_ids(2, 19)
+    with torch.no_grad():
+        fast = model(ids).logits
+        calls = []
+
+        def reference(a, b, initial_state=None, chunk_size=None):
+            calls.append(a.shape)
+            return linear_recurrence_reference(a.float(), b.float(), initial_state).to(b.dtype)
+
+        monkeypatch.setattr(modeling, "linear_recurrence_scan", reference)
+        slow = model(ids).logits
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rnn_type", SCAN_TYPES)
+def test_a_padded_position_leaves_the_state_unchanged(rnn_type):
+    model = peaky_model(tiny_config(rnn_type, "no-attention", num_hidden_layers=1))
+    mixer = model.model.layers[0].rnn
+    hidden = torch.randn(1, 6, 32)
+    mask = torch.tensor([[True, True, False, False, True, False]])
+    with torch.no_grad():
+        states = mixer._run(mixer.in_proj, hidden, mask, None)
+    # a = 1, b = 0 there; the scan regroups the products, so equal up to float32 rounding.
+    for padded, previous in ((2, 1), (3, 1), (5, 4)):
+        torch.testing.assert_close(states[0, padded], states[0, previous], atol=1e-6, rtol=0)
+    assert not torch.allclose(states[0, 4], states[0, 3])  # a real token moves it
+
+
+@pytest.mark.parametrize("rnn_type", SCAN_TYPES)
+def test_gate_biases_spread_memory_and_loaded_weights_are_kept(tmp_path, rnn_type):
+    model = peaky_model(tiny_config(rnn_type, "all-attention"))
+    bias = model.model.layers[0].rnn.in_proj.bias.detach()
+    gates = scan_gate_bias(rnn_type, 32)
+    torch.testing.assert_close(bias[: gates.numel()], gates)
+    assert bias[gates.numel() :].abs().max() == 0  # the candidate starts unbiased
+    # The retention a of every channel at the initial (zero-input) state: from 1/2 to 255/256.
+    if rnn_type == "mingru":
+        retention = torch.sigmoid(-gates)
+    else:
+        forget, write = torch.sigmoid(gates[:32]), torch.sigmoid(gates[32:])
+        retention = forget / (forget + write)
+    torch.testing.assert_close(retention[[0, -1]], torch.tensor([0.5, 1 - 1 / 256]))
+
+    # A scan projection missing from a checkpoint is initialised; everything loaded stays as saved.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = ["model.layers.0.rnn.in_proj.bias"]
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors", {"format": "pt"})
+    reloaded = HybridRnnLmForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.model.layers[0].rnn.in_proj.bias[: gates.numel()].detach(), gates)
+    for name, value in reloaded.state_dict().items():
+        if name not in dropped:
+            assert torch.equal(value, model.state_dict()[name]), f"{name} was overwritten on load"
+
+
+def test_lora_reaches_the_recurrent_projections_and_merges_exactly():
+    model = peaky_model(tiny_config("mingru", "every-2nd", num_hidden_layers=2))
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "out_proj"], init_lora_weights=False)
+    adapted = get_peft_model(model, config).eval()
+    wrapped = sorted(name for name, module in adapted.named_modules() if hasattr(module, "lora_A"))
+    expected = sorted(f"base_model.model.model.layers.{i}.rnn.{p}" for i in (0, 1) for p in ("in_proj", "out_proj"))
+    assert wrapped == expected
+    with torch.no_grad():
+        adapted_logits = adapted(ids).logits
+        assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)  # the adapters change the recurrence
+        merged = adapted.merge_and_unload().eval()
+        torch.testing.assert_close(merged(ids).logits, adapted_logits, atol=1e-5, rtol=1e-5)
+    assert type(merged) is HybridRnnLmForCausalLM
+    assert not any("lora" in name for name, _ in merged.named_parameters())
