@@ -23,8 +23,9 @@ class HybridRnnLmConfig(PreTrainedConfig):
             fused cells, sequential over time) or `"mingru"`, `"minlstm"` (Feng et al. 2024, "Were RNNs All We
             Needed?": gates that depend on the input only, so training and prefill run a parallel scan; built from
             `nn.Linear`, so LoRA reaches them).
-        scan_chunk_size (`int`, defaults to 32): time steps per chunk of the parallel scan of `mingru` / `minlstm`
-            (a scan inside each chunk, a short loop over chunks). Only speed depends on it, never the result.
+        scan_chunk_size (`int`, defaults to 4): time steps per chunk of the parallel scan of `mingru` / `minlstm`
+            (a scan inside each chunk, then the same scan over the chunk ends). Only speed depends on it, never the
+            result; `benchmarks/training_throughput.py --chunk-sizes` measures it.
         num_attention_heads (`int`, defaults to 4): heads of every attention layer; must divide `hidden_size`.
         attention_layers (`str | int | list[int]`, defaults to `"all"`): which blocks carry attention:
             `"all"`, `"none"` (pure recurrent model), an int `k` (every k-th block: blocks k-1, 2k-1, ...), or an
@@ -63,7 +64,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         hidden_size: int = 256,
         num_hidden_layers: int = 4,
         rnn_type: str = "gru",
-        scan_chunk_size: int = 32,
+        scan_chunk_size: int = 4,
         num_attention_heads: int = 4,
         attention_layers: str | int | list[int] = "all",
         attention_window: int | None = None,

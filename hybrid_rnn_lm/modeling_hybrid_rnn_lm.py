@@ -148,14 +148,18 @@ def linear_recurrence_reference(
 
 
 def linear_recurrence_scan(
-    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None, chunk_size: int = 32
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None, chunk_size: int = 4
 ) -> torch.Tensor:
-    """The same h_t = a_t * h_{t-1} + b_t for a whole block at once, in plain PyTorch.
+    """The same h_t = a_t * h_{t-1} + b_t for a whole block at once, in plain PyTorch, with no loop over time.
 
-    Inside each chunk of `chunk_size` steps a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
-    vectorised passes; a short loop over chunks then carries the state from one chunk into the next. Every gate is
-    in [0, 1], so the scan only multiplies numbers of at most 1 and adds: nothing can overflow, at any length.
-    Computed in float32 (bf16 inputs included) and returned in the dtype of `b`.
+    1. Inside each chunk of `chunk_size` steps, a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
+       vectorised passes: b becomes the state from a zero start at the chunk's beginning, a the product of the gates.
+    2. The chunk ends form a recurrence of the same kind, T / chunk_size long: this function solves it recursively,
+       which gives the state entering every chunk.
+    3. One multiply-add brings that state into every position of its chunk.
+    The work is O(T log chunk_size) and the recursion log_chunk_size(T) deep. Every gate is in [0, 1], so the scan
+    only multiplies numbers of at most 1 and adds: nothing can overflow, at any length. It runs in float32 (bf16
+    inputs included) and returns the dtype of `b`.
     """
     dtype = b.dtype
     a, b = a.float(), b.float()
@@ -163,7 +167,7 @@ def linear_recurrence_scan(
     if length == 1:  # a decoding step
         output = b if initial_state is None else torch.addcmul(b, a, initial_state.float()[:, None])
         return output.to(dtype)
-    chunk = min(chunk_size, length)
+    chunk = min(max(chunk_size, 2), length)
     pad = -length % chunk
     if pad:  # a = 1, b = 0 past the end: the padded steps change nothing and are cut off below
         a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
@@ -171,22 +175,22 @@ def linear_recurrence_scan(
     num_chunks = (length + pad) // chunk
     a = a.view(batch, num_chunks, chunk, width)
     b = b.view(batch, num_chunks, chunk, width)
-    # 1. Scan inside every chunk at once: afterwards b[.., t, :] is h_t from a zero state at the chunk start and
-    #    a[.., t, :] the product of the gates since that start.
+    carry = num_chunks > 1 or initial_state is not None  # else the gate products are not needed after the scan
+    # 1. Scan inside every chunk at once.
     offset = 1
     while offset < chunk:
         b = torch.cat([b[:, :, :offset], torch.addcmul(b[:, :, offset:], a[:, :, offset:], b[:, :, :-offset])], dim=2)
-        a = torch.cat([a[:, :, :offset], a[:, :, offset:] * a[:, :, :-offset]], dim=2)
+        if carry or 2 * offset < chunk:
+            a = torch.cat([a[:, :, :offset], a[:, :, offset:] * a[:, :, :-offset]], dim=2)
         offset *= 2
-    if num_chunks == 1 and initial_state is None:
+    if not carry:
         return b.view(batch, -1, width)[:, :length].to(dtype)
-    # 2. The state entering each chunk, chunk after chunk; 3. add its decayed contribution everywhere.
-    state = torch.zeros_like(b[:, 0, 0]) if initial_state is None else initial_state.float()
-    entering = []
-    for index in range(num_chunks):
-        entering.append(state)
-        state = torch.addcmul(b[:, index, -1], a[:, index, -1], state)
-    output = torch.addcmul(b, a, torch.stack(entering, dim=1)[:, :, None])  # (B, n, chunk, H)
+    # 2. The state after every chunk: the same recurrence over the chunk ends, (B, n, H).
+    ends = linear_recurrence_scan(a[:, :, -1], b[:, :, -1], initial_state, chunk_size)
+    first = torch.zeros_like(ends[:, :1]) if initial_state is None else initial_state.float()[:, None]
+    entering = torch.cat([first, ends[:, :-1]], dim=1)  # (B, n, H): the state before every chunk
+    # 3. Its decayed contribution at every position.
+    output = torch.addcmul(b, a, entering[:, :, None])  # (B, n, chunk, H)
     return output.view(batch, -1, width)[:, :length].to(dtype)
 
 
@@ -222,8 +226,8 @@ class HybridRnnLmScanMixer(nn.Module):
         """in_proj's output (B, T, (gates + 1) * H) -> a, b of h_t = a_t * h_{t-1} + b_t, in float32."""
         if self.num_gates == 1:
             gate, candidate = projected.float().chunk(2, dim=-1)
-            keep = torch.sigmoid(-gate)  # 1 - z, computed without cancellation
-            return keep, torch.sigmoid(gate) * candidate
+            update = torch.sigmoid(gate)  # z
+            return 1.0 - update, update * candidate
         forget, write, candidate = projected.float().chunk(3, dim=-1)
         forget, write = torch.sigmoid(forget), torch.sigmoid(write)
         total = forget + write

@@ -7,6 +7,7 @@ run writes its exact arguments to `<output_dir>/training_args.yaml`, which this 
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -55,7 +56,11 @@ class ModelArguments:
     )
     hidden_size: int = arg(128, "width of the residual stream and of the recurrent state")
     num_hidden_layers: int = arg(3, "number of blocks")
-    rnn_type: Literal["rnn", "gru", "lstm"] = arg("gru", "recurrent cell of every block (hybrid only)")
+    rnn_type: Literal["rnn", "gru", "lstm", "mingru", "minlstm"] = arg(
+        "gru",
+        "recurrent cell of every block (hybrid only): rnn, gru, lstm (torch's fused cells, a loop over time) or "
+        "mingru, minlstm (gates from the input only, trained with a parallel scan)",
+    )
     num_attention_heads: int = arg(4, "attention heads; must divide --hidden-size")
     attention_layers: str = arg(
         "2", "blocks with attention (hybrid only): all, none, k (every k-th block) or a comma list of indices (0,2)"
@@ -126,6 +131,12 @@ class TrainArguments:
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this value; 0 disables clipping")
     max_steps: int | None = arg(None, f"optimizer steps to train; unset = from --epochs, else {DEFAULT_MAX_STEPS}")
     epochs: float | None = arg(None, "passes over the training split (instead of --max-steps)")
+    max_train_minutes: float | None = arg(
+        None,
+        "training-time budget: stop at the first step past this many minutes spent in training steps (evaluations "
+        "and checkpoints not counted; a resumed run keeps the time already spent). The learning-rate schedule ends "
+        "with the budget or with --max-steps, whichever comes first; alone, it replaces --max-steps",
+    )
     eval_steps: int = arg(100, "evaluate on the validation split every this many steps")
     eval_batches: int = arg(20, "validation batches per evaluation; 0 = the whole validation split")
     early_stopping_patience: int | None = arg(
@@ -150,9 +161,11 @@ class TrainArguments:
 
     def __post_init__(self):
         _check_types(self)
+        if self.max_train_minutes is not None and not math.isfinite(self.max_train_minutes):
+            raise UserError(f"--max-train-minutes must be a finite number, got {self.max_train_minutes}")
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "eval_steps", "log_steps")
         _check_positive(self, "checkpoint_limit")
-        _check_positive(self, "max_steps", "epochs", "early_stopping_patience", allow_none=True)
+        _check_positive(self, "max_steps", "epochs", "early_stopping_patience", "max_train_minutes", allow_none=True)
         for name in (
             "eval_batches",
             "checkpoint_steps",

@@ -238,7 +238,7 @@ def _hybrid_rows(config: dict) -> list[tuple[str, str]]:
     window = loaded.attention_window
     rows = [
         ("Architecture", "hybrid recurrent + attention language model (`HybridRnnLmForCausalLM`)"),
-        ("Recurrent cell", f"{loaded.rnn_type.upper()} (fused `torch.nn.{_torch_cell(loaded.rnn_type)}`)"),
+        ("Recurrent cell", _cell_description(loaded.rnn_type)),
         ("Blocks", str(loaded.num_hidden_layers)),
         ("Hidden size", str(hidden)),
         ("MLP intermediate size", str(loaded.intermediate_size)),
@@ -255,8 +255,12 @@ def _hybrid_rows(config: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _torch_cell(rnn_type: str) -> str:
-    return {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}[rnn_type]
+def _cell_description(rnn_type: str) -> str:
+    fused = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
+    if rnn_type in fused:
+        return f"{rnn_type.upper()} (fused `torch.nn.{fused[rnn_type]}`)"
+    name = {"mingru": "minGRU", "minlstm": "minLSTM"}[rnn_type]
+    return f"{name} (Feng et al. 2024; gates from the input only, trained with a parallel scan)"
 
 
 def _gpt2_rows(config: dict) -> list[tuple[str, str]]:
@@ -275,17 +279,36 @@ def _gpt2_rows(config: dict) -> list[tuple[str, str]]:
     ]
 
 
+def headline_metrics(results: dict) -> dict:
+    """The validation numbers a run reports: its best model on the full validation split (older runs: the numbers
+    of their periodic evaluation, which may cover only the first --eval-batches batches)."""
+    full = results.get("full_validation")
+    if full:
+        return {**full, "scope": "full validation split"}
+    return {
+        "loss": results.get("best_val_loss"),
+        "perplexity": results.get("val_perplexity"),
+        "bits_per_token": results.get("val_bits_per_token"),
+        "bits_per_character": results.get("val_bits_per_char"),
+        "scope": "validation batches of the periodic evaluation",
+    }
+
+
 def result_rows(results: dict | None) -> list[tuple[str, str]]:
     if not results or results.get("best_val_loss") is None:
         return []
+    headline = headline_metrics(results)
     rows = [
         ("Best step", str(results.get("best_step"))),
-        ("Validation loss (nats per token)", _num(results["best_val_loss"])),
-        ("Validation perplexity", _num(results.get("val_perplexity"))),
-        ("Bits per token", _num(results.get("val_bits_per_token"))),
+        ("Evaluated on", headline["scope"]),
+        ("Validation loss (nats per token)", _num(headline["loss"])),
+        ("Validation perplexity", _num(headline["perplexity"])),
+        ("Bits per token", _num(headline["bits_per_token"])),
     ]
-    if results.get("val_bits_per_char") is not None:
-        rows.append(("Bits per character", _num(results["val_bits_per_char"])))
+    if headline.get("bits_per_character") is not None:
+        rows.append(("Bits per character", _num(headline["bits_per_character"])))
+    if results.get("full_validation"):
+        rows.append(("Loss of the periodic evaluation that chose the best step", _num(results["best_val_loss"])))
     if results.get("train_tokens") is not None:
         rows.append(("Training tokens", f"{results['train_tokens']:,}"))
     if results.get("wall_time_s") is not None:
@@ -364,11 +387,12 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
     hybrid = run.architecture != "gpt2"
     config = run.config
     results = run.results or {}
+    headline = headline_metrics(results)
     metrics = [
-        ("loss", "Validation loss (nats per token)", results.get("best_val_loss")),
-        ("perplexity", "Validation perplexity", results.get("val_perplexity")),
-        ("bits_per_token", "Validation bits per token", results.get("val_bits_per_token")),
-        ("bits_per_character", "Validation bits per character", results.get("val_bits_per_char")),
+        ("loss", "Validation loss (nats per token)", headline["loss"]),
+        ("perplexity", "Validation perplexity", headline["perplexity"]),
+        ("bits_per_token", "Validation bits per token", headline["bits_per_token"]),
+        ("bits_per_character", "Validation bits per character", headline["bits_per_character"]),
     ]
     eval_results = [
         EvalResult(
@@ -441,7 +465,7 @@ def _summary(config: dict, hybrid: bool, data_label: str) -> str:
     if not hybrid:
         return f"A GPT-2 baseline {trained}, in the same loop as the hybrid recurrent models it is compared with."
     saved = _saved_hybrid_config(config)
-    cell = saved.rnn_type.upper()
+    cell = {"mingru": "minGRU", "minlstm": "minLSTM"}.get(saved.rnn_type, saved.rnn_type.upper())
     if all(kind == "linear_attention" for kind in saved.layer_types):
         return f"A purely recurrent {cell} language model (the hybrid architecture without attention) {trained}."
     return f"A hybrid {cell} + attention language model {trained}."

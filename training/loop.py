@@ -31,6 +31,7 @@ class TrainingProgress:
     best_val_loss: float = math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
+    train_seconds: float = 0.0  # wall time inside training steps, evaluations and checkpoints excluded
     unlogged_losses: list[float] = field(default_factory=list)  # steps since the last log line
 
     def state_dict(self) -> dict:
@@ -62,25 +63,39 @@ class LoopParts:
 
 
 def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArguments, max_steps: int) -> str:
-    """Trains up to `max_steps`; returns why it stopped: max_steps, early_stopping, non_finite_loss, interrupted."""
+    """Trains up to `max_steps` (or the time budget); returns why it stopped: max_steps, time_budget, early_stopping,
+    non_finite_loss, interrupted."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     batches = batch_stream(parts.train_dataloader, accelerator, progress)
     start_step = progress.step
+    budget_seconds = None if args.max_train_minutes is None else 60.0 * args.max_train_minutes
     window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
     bar = tqdm(
-        total=max_steps, initial=start_step, desc="training", unit="step", disable=not accelerator.is_main_process
+        total=None if max_steps == UNBOUNDED_STEPS else max_steps,
+        initial=start_step,
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
     )
     while True:
         step = progress.step
-        # 1. Learning rate: a function of the step only, so a resumed run follows the same schedule.
-        lr = args.learning_rate * parts.lr_multiplier(step)
+        # Under a time budget the main process's clock decides, so that every process stops at the same step and
+        # follows the same learning rate.
+        train_seconds = progress.train_seconds
+        if budget_seconds is not None:
+            train_seconds = _main_process_value(accelerator, train_seconds)
+        at_end = step >= max_steps or (budget_seconds is not None and train_seconds >= budget_seconds)
+        # 1. Learning rate: a function of the step only (and of the time spent, under a time budget), so a resumed
+        #    run follows the same schedule.
+        position = schedule_position(step, train_seconds, budget_seconds, max_steps, args.warmup_steps)
+        lr = args.learning_rate * parts.lr_multiplier(position)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # 2. Evaluate, keep the best model, stop or checkpoint. A resumed run does not redo what its checkpoint holds.
         stop_reason = None
         if not (parts.resumed and step == start_step):
-            if step % args.eval_steps == 0 or step == max_steps:
+            if step % args.eval_steps == 0 or at_end:
                 metrics = parts.evaluate()
                 parts.log({"step": step, "tokens_seen": progress.tokens_seen, **metrics})
                 if metrics["val_loss"] < progress.best_val_loss:
@@ -92,12 +107,12 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                 patience = args.early_stopping_patience
                 if patience is not None and progress.evals_without_improvement >= patience:
                     stop_reason = "early_stopping"
-            if step >= max_steps:
-                stop_reason = "max_steps"
+            if at_end:
+                stop_reason = "max_steps" if step >= max_steps else "time_budget"
             if stop_reason or (args.checkpoint_steps and step > 0 and step % args.checkpoint_steps == 0):
                 parts.save_checkpoint(step)
-        elif step >= max_steps:
-            stop_reason = "max_steps"
+        elif at_end:
+            stop_reason = "max_steps" if step >= max_steps else "time_budget"
         if stop_reason:
             break
         if parts.stop_requested():
@@ -133,7 +148,9 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
         optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens_seen += parts.tokens_per_step
-        window_seconds += time.perf_counter() - step_started
+        step_seconds = time.perf_counter() - step_started
+        progress.train_seconds += step_seconds
+        window_seconds += step_seconds
 
         # 6. Log: mean loss and throughput over the steps since the last log line.
         losses = progress.unlogged_losses
@@ -156,6 +173,31 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
         bar.update(1)
     bar.close()
     return stop_reason
+
+
+UNBOUNDED_STEPS = 10**12  # max_steps of a run limited by --max-train-minutes alone
+
+
+def schedule_position(
+    step: int, train_seconds: float, budget_seconds: float | None, max_steps: int, warmup_steps: int
+) -> float:
+    """The step at which to read the learning-rate schedule.
+
+    Without a time budget, the step itself. With one, after warmup, the schedule moves on by whichever comes first,
+    steps or time: a run stopped by its budget has still decayed its learning rate to the end of the schedule.
+    """
+    if budget_seconds is None or step < warmup_steps:
+        return step
+    time_fraction = min(1.0, train_seconds / budget_seconds)
+    return max(step, warmup_steps + (max_steps - warmup_steps) * time_fraction)
+
+
+def _main_process_value(accelerator: Accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return broadcast(torch.tensor([value], device=accelerator.device, dtype=torch.float64)).item()
 
 
 def batch_stream(dataloader: DataLoader, accelerator: Accelerator, progress: TrainingProgress) -> Iterator[dict]:

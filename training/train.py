@@ -49,7 +49,7 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.errors import UserError
-from training.loop import LoopParts, TrainingProgress, evaluate_model, train_loop
+from training.loop import UNBOUNDED_STEPS, LoopParts, TrainingProgress, evaluate_model, train_loop
 from training.plots import plot_loss_curve, read_metrics
 
 logger = logging.getLogger("training.train")
@@ -99,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if results["stopped_reason"] == "non_finite_loss":
         print(f"error: {results['message']}", file=sys.stderr)
         return 1
+    full = results.get("full_validation") or {}
     print(
-        f"\nvalidation perplexity {results['val_perplexity']:.3f} (loss {results['best_val_loss']:.4f} nats/token, "
-        f"best at step {results['best_step']}); model saved to {results['output_dir']}"
+        f"\nvalidation perplexity {full.get('perplexity', results['val_perplexity']):.3f} (loss "
+        f"{full.get('loss', results['best_val_loss']):.4f} nats/token on the full validation split, best at step "
+        f"{results['best_step']}); model saved to {results['output_dir']}"
     )
     if results.get("sample") is not None:
         print(f"sample:\n{results['sample']}")
@@ -213,6 +215,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         "num_processes": accelerator.num_processes,
         "num_threads": torch.get_num_threads(),  # per process
         "steps": progress.step,
+        "train_seconds": progress.train_seconds,
         "stopped_reason": stopped_reason,
     }
     if stopped_reason == "non_finite_loss":
@@ -222,6 +225,16 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             f"was written after it, the last good one is {last_good[-1] if last_good else 'none'}; resume from it "
             "with a lower --learning-rate (and/or --max-grad-norm 1.0) via --resume-from-checkpoint"
         )
+    if stopped_reason != "non_finite_loss" and progress.best_step >= 0:
+        full_split = tokenized["validation"]
+        results["full_validation"] = evaluate_saved_model(
+            accelerator,
+            output_dir,
+            DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate),
+            metric,
+            characters_per_token,
+        )
+        results["full_validation"]["blocks"] = len(full_split)
     if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
         finish_output_folder(output_dir, results, train_args)
     accelerator.wait_for_everyone()
@@ -401,6 +414,29 @@ def _collate(examples: list[dict]) -> dict:
     return {"input_ids": collate_blocks(examples)["input_ids"]}
 
 
+def evaluate_saved_model(
+    accelerator: Accelerator, output_dir: Path, dataloader: DataLoader, metric, characters_per_token
+):
+    """The best model, loaded back from the output folder, scored on every block of the validation split.
+
+    Periodic evaluations may see only the first --eval-batches batches (to choose the best step quickly); the numbers
+    a run reports are this full-split evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(output_dir)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    metrics = evaluate_model(
+        accelerator, model, accelerator.prepare_data_loader(dataloader), metric, characters_per_token
+    )
+    return {
+        "loss": metrics["val_loss"],
+        "perplexity": metrics["val_perplexity"],
+        "bits_per_token": metrics["val_bits_per_token"],
+        "bits_per_character": metrics.get("val_bits_per_char"),
+    }
+
+
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     """The model at the requested size, its vocabulary and special tokens taken from the tokenizer."""
     from transformers import AutoModelForCausalLM
@@ -512,6 +548,8 @@ def resolve_max_steps(args: TrainArguments, batches_per_epoch: int) -> int:
         return args.max_steps
     if args.epochs is not None:
         return max(1, math.ceil(args.epochs * batches_per_epoch / args.gradient_accumulation_steps))
+    if args.max_train_minutes is not None:
+        return UNBOUNDED_STEPS  # the time budget alone ends the run
     return DEFAULT_MAX_STEPS
 
 

@@ -1,0 +1,228 @@
+"""Training throughput of the hybrid model for every recurrent cell against transformers' GPT-2 of the same size.
+
+    python benchmarks/training_throughput.py                 # 12 x 64 and 12 x 256, one thread (~3 min, 2 cores)
+    python benchmarks/training_throughput.py --threads 2 --shapes 12x64
+    python benchmarks/training_throughput.py --chunk-sizes 8,16,32,64,128   # the scan's chunk size, mingru hybrid
+    python benchmarks/training_throughput.py --quick         # a tiny run that only shows the table's shape
+
+One training step is what `hybrid-lm train` does: forward with labels, backward, AdamW step, on random token ids of
+a character-sized vocabulary (65). All models run in one process, in interleaved rounds (the order rotates every
+round), so that the load of a shared machine falls on all of them alike; each figure is the median over rounds.
+Absolute tokens/s move with the machine's load; the ratios measured side by side hold.
+
+The reference is GPT-2 at nanoGPT's CPU size (4 layers x 128, 4 heads). Every hybrid has nanoGPT's depth budget
+(3 blocks, attention in block 2, 4 heads, as the default model) and the width (a multiple of 16) whose parameter
+count is closest to GPT-2's; the table prints both counts. GFLOP/s counts the floating-point work of one
+step (torch's FlopCounterMode: matrix products, attention, the fused cells' gate products) per second, beside the
+peak of one float32 matrix product measured in the same run.
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
+from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
+
+VOCAB_SIZE = 65  # Tiny Shakespeare's characters
+GPT2_LAYERS, GPT2_WIDTH, HEADS = 4, 128, 4  # nanoGPT's CPU recipe
+HYBRID_LAYERS, HYBRID_ATTENTION = 3, 2  # the default hybrid: 3 blocks, attention in every 2nd (block 1)
+
+
+@dataclass
+class Model:
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    parameters: int
+
+
+def gpt2(block_size: int) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=GPT2_WIDTH,
+        n_layer=GPT2_LAYERS,
+        n_head=HEADS,
+        n_positions=block_size,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def hybrid(rnn_type: str, width: int, chunk_size: int | None = None) -> HybridRnnLmForCausalLM:
+    extra = {} if chunk_size is None else {"scan_chunk_size": chunk_size}
+    config = HybridRnnLmConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=width,
+        num_hidden_layers=HYBRID_LAYERS,
+        rnn_type=rnn_type,
+        num_attention_heads=HEADS,
+        attention_layers=HYBRID_ATTENTION,
+        **extra,
+    )
+    return HybridRnnLmForCausalLM(config)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_width(rnn_type: str, target: int) -> int:
+    """The width whose hybrid has the parameter count closest to `target`, among multiples of 16 (the matrix kernels
+    are markedly slower on odd widths such as 148: GPT-2's 128 is one too)."""
+    widths = range(32, 513, 16)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return min(widths, key=lambda width: abs(parameter_count(hybrid(rnn_type, width)) - target))
+
+
+def with_optimizer(name: str, model: torch.nn.Module) -> Model:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    return Model(name, model, optimizer, parameter_count(model))
+
+
+def training_step(entry: Model, ids: torch.Tensor) -> None:
+    loss = entry.model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    entry.optimizer.step()
+    entry.optimizer.zero_grad(set_to_none=True)
+
+
+def step_flops(entry: Model, ids: torch.Tensor) -> int:
+    """Floating-point operations of one forward + backward (the optimizer's elementwise work is left out)."""
+    with FlopCounterMode(display=False) as counter:
+        entry.model(input_ids=ids, labels=ids).loss.backward()
+    entry.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """Best GFLOP/s of a float32 (size x size) @ (size x size) product on the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def measure(models: list[Model], batch: int, block: int, rounds: int, steps: int, warmup: int) -> dict[str, float]:
+    """Median tokens/s of each model over `rounds` interleaved rounds of `steps` training steps."""
+    ids = torch.randint(0, VOCAB_SIZE, (batch, block), generator=torch.Generator().manual_seed(0))
+    for entry in models:
+        for _ in range(warmup):
+            training_step(entry, ids)
+    samples = {entry.name: [] for entry in models}
+    bar = tqdm(total=rounds * len(models), desc=f"{batch}x{block}", unit="run", leave=False)
+    for round_index in range(rounds):
+        shift = round_index % len(models)
+        for entry in models[shift:] + models[:shift]:
+            start = time.perf_counter()
+            for _ in range(steps):
+                training_step(entry, ids)
+            samples[entry.name].append(steps * batch * block / (time.perf_counter() - start))
+            bar.update(1)
+    bar.close()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        batch, _, block = item.strip().partition("x")
+        if not (batch.isdigit() and block.isdigit()) or int(batch) < 1 or int(block) < 2:
+            raise SystemExit(f"error: --shapes {text!r}: each shape is BATCHxBLOCK, e.g. 12x64,12x256")
+        shapes.append((int(batch), int(block)))
+    return shapes
+
+
+def throughput_table(args, shapes) -> str:
+    reference_name = f"GPT-2 ({GPT2_LAYERS} x {GPT2_WIDTH})"
+    target = parameter_count(gpt2(shapes[0][1]))
+    widths = {rnn_type: matched_width(rnn_type, target) for rnn_type in args.rnn_types}
+    peak = matmul_peak_gflops()
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak {peak:.1f} GFLOP/s; "
+        f"{args.rounds} interleaved rounds of {args.steps} steps, medians",
+        "",
+        "| model | width | params | batch x block | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
+        "|---|--:|--:|---|--:|--:|--:|--:|",
+    ]
+    for batch, block in shapes:
+        torch.manual_seed(0)
+        models = [with_optimizer(reference_name, gpt2(block))]
+        models += [
+            with_optimizer(f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width))
+            for rnn_type, width in widths.items()
+        ]
+        ids = torch.randint(0, VOCAB_SIZE, (batch, block))
+        flops = {entry.name: step_flops(entry, ids) for entry in models}
+        speed = measure(models, batch, block, args.rounds, args.steps, args.warmup)
+        for entry in models:
+            width = GPT2_WIDTH if entry.name == reference_name else int(entry.name.split(" x ")[-1].rstrip(")"))
+            gflops = flops[entry.name] * speed[entry.name] / (batch * block) / 1e9
+            lines.append(
+                f"| {entry.name} | {width} | {entry.parameters:,} | {batch} x {block} | {speed[entry.name]:,.0f} | "
+                f"{speed[entry.name] / speed[reference_name]:.2f}x | {gflops:.2f} | {100 * gflops / peak:.0f}% |"
+            )
+    return "\n".join(lines)
+
+
+def chunk_size_table(args, shapes) -> str:
+    """tokens/s of the mingru hybrid (width matched to GPT-2) for each scan chunk size."""
+    width = matched_width("mingru", parameter_count(gpt2(shapes[0][1])))
+    lines = [
+        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}), {torch.get_num_threads()} thread(s)",
+        "",
+        "| chunk size | " + " | ".join(f"{b} x {t} tokens/s" for b, t in shapes) + " |",
+        "|--:|" + "--:|" * len(shapes),
+    ]
+    results = {}
+    for batch, block in shapes:
+        models = []
+        for chunk in args.chunk_sizes:
+            torch.manual_seed(0)
+            models.append(with_optimizer(str(chunk), hybrid("mingru", width, chunk_size=chunk)))
+        results[(batch, block)] = measure(models, batch, block, args.rounds, args.steps, args.warmup)
+    for chunk in args.chunk_sizes:
+        row = " | ".join(f"{results[shape][str(chunk)]:,.0f}" for shape in shapes)
+        lines.append(f"| {chunk} | {row} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="12x64,12x256", help="batch x block sizes, comma separated")
+    parser.add_argument("--rnn-types", default=",".join(RNN_TYPES), help="hybrid cells to measure, comma separated")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (training runs use 1 by default)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; figures are medians over them")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per model and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
+    args = parser.parse_args(argv)
+    args.rnn_types = [name.strip() for name in args.rnn_types.split(",") if name.strip()]
+    unknown = [name for name in args.rnn_types if name not in RNN_TYPES]
+    if unknown:
+        raise SystemExit(f"error: --rnn-types {','.join(unknown)}: not a cell; choose from {', '.join(RNN_TYPES)}")
+    if args.quick:
+        args.shapes, args.rounds, args.steps, args.warmup = "2x16", 1, 1, 0
+    if args.chunk_sizes is not None:
+        args.chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+    torch.set_num_threads(args.threads)
+    shapes = parse_shapes(args.shapes)
+    table = throughput_table(args, shapes) if args.chunk_sizes is None else chunk_size_table(args, shapes)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
