@@ -162,12 +162,13 @@ def test_metrics_jsonl_and_results_agree(trained):
     assert [row["step"] for row in train_rows] == list(range(1, 25))
     assert [row["step"] for row in eval_rows] == [0, 8, 16, 24]
     for row in train_rows:
-        assert set(row) == {"step", "tokens_seen", "lr", "train_loss", "tokens_per_second"}
+        assert set(row) == {"step", "tokens_seen", "train_seconds", "lr", "train_loss", "tokens_per_second"}
         assert row["tokens_seen"] == row["step"] * tokens_per_step and row["tokens_per_second"] > 0
     for row in eval_rows:
         assert set(row) == {
             "step",
             "tokens_seen",
+            "train_seconds",
             "val_loss",
             "val_perplexity",
             "val_bits_per_token",

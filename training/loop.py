@@ -97,7 +97,14 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
         if not (parts.resumed and step == start_step):
             if step % args.eval_steps == 0 or at_end:
                 metrics = parts.evaluate()
-                parts.log({"step": step, "tokens_seen": progress.tokens_seen, **metrics})
+                parts.log(
+                    {
+                        "step": step,
+                        "tokens_seen": progress.tokens_seen,
+                        "train_seconds": progress.train_seconds,
+                        **metrics,
+                    }
+                )
                 if metrics["val_loss"] < progress.best_val_loss:
                     progress.best_val_loss, progress.best_step = metrics["val_loss"], step
                     progress.evals_without_improvement = 0
@@ -162,6 +169,7 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                 {
                     "step": progress.step,
                     "tokens_seen": progress.tokens_seen,
+                    "train_seconds": progress.train_seconds,
                     "lr": lr,
                     "train_loss": train_loss,
                     "tokens_per_second": tokens_per_second,

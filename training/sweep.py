@@ -456,8 +456,10 @@ def _describe(run: PlannedRun) -> str:
     options = run.options
     size = f"{options['architecture']} {options['hidden_size']}x{options['num_hidden_layers']}"
     changes = ", ".join(f"{key}={value}" for key, value in run.overrides.items() if key not in SIZE_OPTIONS)
-    steps = options["max_steps"]
-    return f"{size}, seed {run.seed}, {steps} steps" + (f", {changes}" if changes else "")
+    budget = [f"{options['max_steps']} steps"] if options["max_steps"] is not None else []
+    if options.get("max_train_minutes") is not None:
+        budget.append(f"{options['max_train_minutes']:g} training minutes")
+    return f"{size}, seed {run.seed}, {' or '.join(budget) or 'default steps'}" + (f", {changes}" if changes else "")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -484,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: results/<study>, or runs/sweeps/<study>-quick with --quick)",
     )
     parser.add_argument("--dataset", help="corpus of every run, replacing the study's dataset option")
+    parser.add_argument(
+        "--runs",
+        help="train only these runs (comma-separated names, as in the report), e.g. to share a study between two "
+        "processes or machines; the report covers every finished run of the study",
+    )
     return parser
 
 
@@ -499,13 +506,23 @@ def main(argv: list[str] | None = None) -> int:
     check_dataset(planned)
     for planned_run in planned:  # before any training: an edited study must not silently reuse stale runs
         run_status(planned_run)
+    selected = planned
+    if args.runs:
+        names = [name.strip() for name in args.runs.split(",") if name.strip()]
+        unknown = [name for name in names if name not in {run.name for run in planned}]
+        if unknown:
+            raise UserError(
+                f"--runs: {', '.join(unknown)} not in study {study.name}; its runs are "
+                f"{', '.join(run.name for run in planned)}"
+            )
+        selected = [run for run in planned if run.name in names]
     print(f"study {study.name}: {len(planned)} runs{' (quick)' if args.quick else ''} -> {output_dir}")
     started = time.perf_counter()
     from training.train import TrainingInterrupted
 
     try:
         with _quiet_libraries():
-            counts = run_study(planned, runs_dir)
+            counts = run_study(selected, runs_dir)
     except TrainingInterrupted as stop:
         print(
             f"{stop}\nthe study stopped; run the same `hybrid-lm sweep` command again to continue it", file=sys.stderr

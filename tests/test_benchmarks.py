@@ -1,0 +1,43 @@
+"""The benchmark scripts run (in their tiny modes) and print their tables; their figures are not asserted."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_throughput_prints_a_row_per_cell_and_the_gpt2_reference(capsys):
+    benchmark = load("training_throughput")
+    benchmark.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| model | width | params | batch x block | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| GPT-2") or line.startswith("| hybrid")]
+    assert len(rows) == 1 + len(RNN_TYPES)
+    assert rows[0].split("|")[6].strip() == "1.00x"
+    assert [row.split("|")[1].split()[1] for row in rows[1:]] == list(RNN_TYPES)
+
+
+def test_training_throughput_matches_parameters_within_ten_percent():
+    benchmark = load("training_throughput")
+    target = benchmark.parameter_count(benchmark.gpt2(64))
+    for rnn_type in RNN_TYPES:
+        width = benchmark.matched_width(rnn_type, target)
+        count = benchmark.parameter_count(benchmark.hybrid(rnn_type, width))
+        assert abs(count - target) <= 0.1 * target, (rnn_type, width, count, target)
+
+
+def test_training_throughput_rejects_an_unknown_cell():
+    benchmark = load("training_throughput")
+    with pytest.raises(SystemExit, match="--rnn-types transformer: not a cell"):
+        benchmark.main(["--quick", "--rnn-types", "transformer"])
