@@ -136,7 +136,9 @@ def test_report_table_is_sorted_and_matches_the_csv(swept):
     table = report.split("## Results (sorted by best validation loss)")[1].split("\n\n")[1]
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     names = [cells[1].strip() for cells in rows]
-    losses = [float(cells[10]) for cells in rows]
+    losses = [float(cells[11]) for cells in rows]
+    steps = [int(cells[8].replace(",", "")) for cells in rows]
+    assert steps == [8] * len(rows)
     assert set(names) == RUN_NAMES and losses == sorted(losses)
     csv_losses = {row["run"]: float(row["best_val_loss"]) for row in _csv(output)}
     assert losses == [float(f"{csv_losses[name]:.4f}") for name in names]
@@ -180,8 +182,9 @@ def test_every_plot_is_a_real_png_linked_from_the_report(swept):
     output = swept[2]
     report = (output / "REPORT.md").read_text()
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report))
-    expected = {"curves-hybrid.png", "curves-small.png", "curves-gpt2.png", "curves-lr.png", "scaling.png"}
-    expected |= {"ablation.png", "train_val_gap.png"}
+    groups = ("hybrid", "small", "gpt2", "lr")
+    expected = {f"curves-{group}.png" for group in groups} | {f"curves-{group}-time.png" for group in groups}
+    expected |= {"scaling.png", "ablation.png", "train_val_gap.png"}
     assert linked == expected == {path.name for path in output.glob("*.png")}
     for name in linked:
         pixels = image.imread(output / name)
@@ -316,7 +319,9 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
         planned = plan_runs(study, Path("runs"), quick=True)
         full = plan_runs(study, Path("runs"))
         assert [run.name for run in planned] == [run.name for run in full], path.name  # quick: same grid
-        assert all(q.options["max_steps"] * 10 <= f.options["max_steps"] for q, f in zip(planned, full))
+        for quick_run, full_run in zip(planned, full):  # a budget of steps or of training minutes
+            budget = "max_steps" if full_run.options["max_steps"] is not None else "max_train_minutes"
+            assert quick_run.options[budget] * 10 <= full_run.options[budget], (path.name, budget)
         assert len({run.options["seed"] for run in full}) >= 2, f"{path.name} measures no run-to-run noise"
     sizes = plan_runs(load_study(STUDIES / "sizes.yaml"), Path("runs"))
     counts = {}
@@ -330,3 +335,33 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
     assert max(spans) >= 16 * min(spans)
     for size in hybrid:
         assert gpt2[size]["num_parameters"] == pytest.approx(hybrid[size]["num_parameters"], rel=0.05), size
+
+    # The cell studies: every hybrid within 10% of GPT-2's parameter count, the same models under both budgets.
+    for name in ("cells-steps.yaml", "cells-minutes.yaml"):
+        runs = plan_runs(load_study(STUDIES / name), Path("runs"))
+        counts = {}
+        for run in runs:
+            model_args, data_args, _ = arguments_from_dict(run.options)
+            counts[run.variation] = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
+        reference = counts.pop("gpt2")["num_parameters"]
+        assert set(counts) == {"rnn", "gru", "lstm", "mingru", "minlstm"}
+        for cell, count in counts.items():
+            assert count["num_parameters"] == pytest.approx(reference, rel=0.1), (name, cell)
+
+
+def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):
+    (tmp_path / "corpus.txt").write_text(_corpus())
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    output = tmp_path / "report"
+    code, _, err = _sweep(study_path, output, capsys, monkeypatch, "--runs", "hybrid-m,transformer")
+    assert code == 2 and not output.exists()
+    assert err.splitlines() == [
+        "error: --runs: transformer not in study tiny; its runs are "
+        "hybrid-s-seed1, hybrid-s-seed2, hybrid-m, gpt2-s, hybrid-m-fast-lr"
+    ]
+    code, out, _ = _sweep(study_path, output, capsys, monkeypatch, "--runs", "hybrid-m")
+    assert code == 0 and "1 trained, 0 skipped" in out
+    assert sorted(p.name for p in (output / "runs").iterdir() if p.is_dir()) == ["hybrid-m"]
+    report = (output / "REPORT.md").read_text()
+    assert "- Data: `corpus.txt`" in report  # the path as given, relative to the folder the study ran from

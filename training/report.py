@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -59,6 +60,7 @@ class RunRecord:
     block_size: int
     train_tokens: int
     wall_time_s: float
+    train_seconds: float  # time inside training steps (evaluations excluded); NaN for runs that did not record it
     tokens_per_second: float  # the loop's training throughput (evaluations and saving excluded)
     tokens_per_wall_second: float  # train_tokens / wall_time_s: everything included, independent of the loop's logs
     best_step: int
@@ -124,6 +126,7 @@ def read_run(folder: Path) -> RunRecord:
         block_size=options["block_size"],
         train_tokens=results["train_tokens"],
         wall_time_s=sweep["wall_time_s"],
+        train_seconds=results.get("train_seconds", math.nan),
         tokens_per_second=results["tokens_per_second"] or math.nan,
         tokens_per_wall_second=results["train_tokens"] / sweep["wall_time_s"],
         best_step=results["best_step"],
@@ -148,10 +151,15 @@ def configuration_id(options: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def validation_curve(folder: Path) -> tuple[list[int], list[float]]:
-    """(tokens seen, validation loss) at every evaluation of a run."""
-    rows = [row for row in read_metrics(folder / "metrics.jsonl") if "val_loss" in row]
-    return [row["tokens_seen"] for row in rows], [row["val_loss"] for row in rows]
+def validation_curve(folder: Path, x: str = "tokens_seen") -> tuple[list[float], list[float]]:
+    """(x, validation loss) at every evaluation of a run; x is tokens_seen or train_seconds (then in minutes)."""
+    rows = [row for row in read_metrics(folder / "metrics.jsonl") if "val_loss" in row and x in row]
+    scale = 1 / 60 if x == "train_seconds" else 1
+    return [row[x] * scale for row in rows], [row["val_loss"] for row in rows]
+
+
+def has_training_time(folder: Path) -> bool:
+    return any("train_seconds" in row for row in read_metrics(folder / "metrics.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -260,12 +268,14 @@ def write_csv(records: list[RunRecord], path: Path) -> None:
             writer.writerow({k: "" if v is None else v for k, v in asdict(record).items()})
 
 
-def plot_curves(folders: dict[str, Path], records: list[RunRecord], group: str, path: Path) -> None:
+def plot_curves(
+    folders: dict[str, Path], records: list[RunRecord], group: str, path: Path, x: str = "tokens_seen"
+) -> None:
     figure, axes = plt.subplots(figsize=FIGURE_SIZE_INCHES, dpi=DPI)
     for record in records:
-        tokens, losses = validation_curve(folders[record.run])
-        axes.plot(tokens, losses, marker="o", markersize=2, linewidth=1.2, label=record.run)
-    axes.set_xlabel("training tokens seen")
+        positions, losses = validation_curve(folders[record.run], x)
+        axes.plot(positions, losses, marker="o", markersize=2, linewidth=1.2, label=record.run)
+    axes.set_xlabel("training tokens seen" if x == "tokens_seen" else "training time (minutes, evaluations excluded)")
     axes.set_ylabel("validation loss (nats per token)")
     axes.set_title(f"validation loss, group {group}")
     _zoom_to_late_curves(axes, folders, records)
@@ -383,8 +393,12 @@ def write_report(study, planned: list, output_dir: Path, quick: bool = False) ->
     plots = {}
     for group in dict.fromkeys(g for record in records for g in record.groups.split(";")):
         members = [record for record in records if group in record.groups.split(";")]
-        plots[f"curves-{_file_slug(group)}.png"] = f"validation curves, group `{group}`"
+        plots[f"curves-{_file_slug(group)}.png"] = f"validation loss against training tokens, group `{group}`"
         plot_curves(folders, members, group, output_dir / f"curves-{_file_slug(group)}.png")
+        if all(has_training_time(folders[record.run]) for record in members):
+            name = f"curves-{_file_slug(group)}-time.png"
+            plots[name] = f"validation loss against training time, group `{group}`"
+            plot_curves(folders, members, group, output_dir / name, x="train_seconds")
     fits = scaling_fits(records) if study.scaling else []
     if study.scaling:
         plot_scaling(records, fits, output_dir / SCALING_PLOT)
@@ -425,12 +439,18 @@ def render_report(study, planned, records, summary, fits, plots, quick) -> str:
 
 
 def _setup_section(planned, records) -> list[str]:
-    budgets = sorted({(r.steps, r.batch_size, r.block_size, r.train_tokens) for r in records})
-    budget_text = "; ".join(
-        f"{steps:,} steps x {batch} sequences x {block} tokens = {tokens:,} training tokens"
-        for steps, batch, block, tokens in budgets
-    )
     options = planned[0].options
+    if options.get("max_train_minutes") is not None:
+        budget_text = (
+            f"{options['max_train_minutes']:g} minutes of training steps (evaluations not counted), batches of "
+            f"{records[0].batch_size} x {records[0].block_size} tokens; the steps reached differ per run (table)"
+        )
+    else:
+        budgets = sorted({(r.steps, r.batch_size, r.block_size, r.train_tokens) for r in records})
+        budget_text = "; ".join(
+            f"{steps:,} steps x {batch} sequences x {block} tokens = {tokens:,} training tokens"
+            for steps, batch, block, tokens in budgets
+        )
     evaluation = (
         f"the first {options['eval_batches'] * options['batch_size']} validation blocks "
         f"({options['eval_batches'] * options['batch_size'] * options['block_size']:,} tokens)"
@@ -458,7 +478,7 @@ def _setup_section(planned, records) -> list[str]:
     return [
         "## Setup",
         "",
-        f"- Data: `{options['dataset']}`, tokenizer `{options['tokenizer']}`, validation = the last "
+        f"- Data: `{display_path(options['dataset'])}`, tokenizer `{options['tokenizer']}`, validation = the last "
         f"{options['validation_fraction']:.0%} of the text.",
         f"- Budget per run: {budget_text}.",
         f"- Optimizer: AdamW, peak learning rate {options['learning_rate']}, {options['lr_scheduler']} schedule, "
@@ -471,6 +491,17 @@ def _setup_section(planned, records) -> list[str]:
     ]
 
 
+def display_path(dataset: str) -> str:
+    """A local corpus relative to the folder the study ran from (runs store it absolute), never a machine's path."""
+    path = Path(dataset)
+    if not path.is_absolute():
+        return dataset
+    try:
+        return os.path.relpath(path, Path.cwd())
+    except ValueError:  # another drive
+        return path.name
+
+
 def _sweep_record(planned, run_name: str) -> dict:
     folder = next(Path(run.options["output_dir"]) for run in planned if run.name == run_name)
     return json.loads((folder / "sweep_run.json").read_text())
@@ -478,17 +509,17 @@ def _sweep_record(planned, run_name: str) -> dict:
 
 def _results_table(records: list[RunRecord]) -> list[str]:
     header = (
-        "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | wall min | best step | "
+        "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | steps | wall min | best step | "
         "best val loss | ppl | bits/char | final train loss | gap | changes |"
     )
-    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 16]
+    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 17]
     for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
         stopped = "" if r.stopped_reason == "max_steps" else f" (stopped: {r.stopped_reason})"
         lines.append(
             f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | "
             f"{r.hidden_size} x {r.num_hidden_layers} | {r.num_parameters:,} | "
-            f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.wall_time_s / 60:.2f} | "
+            f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.steps:,} | {r.wall_time_s / 60:.2f} | "
             f"{r.best_step} | "
             f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} | {r.final_train_loss:.4f} | "
             f"{r.train_val_gap:+.4f} | {r.overrides or '(base config)'} |"
