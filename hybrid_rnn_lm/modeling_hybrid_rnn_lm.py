@@ -22,6 +22,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     create_bidirectional_mask,
     create_causal_mask,
+    create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -31,6 +32,8 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
 
@@ -456,6 +459,8 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -472,7 +477,6 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
-        kwargs.pop("return_dict", None)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -486,7 +490,7 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
         elif cache is None:
             cache = DynamicCache(config=self.config)
 
-        padding_mask = self._padding_mask(attention_mask, inputs_embeds.shape[1])
+        padding_mask = self._padding_mask(attention_mask, inputs_embeds, cache)
         attention_mask = self._attention_mask(attention_mask, inputs_embeds, cache)
 
         hidden_states = self.dropout(inputs_embeds)
@@ -513,13 +517,13 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             attentions=tuple(all_attentions) if output_attentions else None,
         )
 
-    @staticmethod
-    def _padding_mask(attention_mask, length: int) -> torch.Tensor | None:
-        """(B, T) bool, True on real tokens of this forward; None when nothing is padded."""
-        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
-            return None
-        mask = attention_mask[:, -length:].bool()
-        return None if bool(mask.all()) else mask
+    def _padding_mask(self, attention_mask, inputs_embeds, cache) -> torch.Tensor | None:
+        """(B, T) bool, True on real tokens of this forward; None when nothing is padded (or one token is decoded)."""
+        if isinstance(attention_mask, dict):  # built by generate() for a static cache: one mask per layer kind
+            mask = attention_mask.get("linear_attention")
+        else:
+            mask = create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
+        return None if mask is None else mask.bool()
 
     def _attention_mask(self, attention_mask, inputs_embeds, cache):
         indices = self.config.attention_layer_indices
@@ -571,6 +575,8 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -591,6 +597,7 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))  # (B, T, V)
@@ -616,6 +623,8 @@ class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -634,6 +643,7 @@ class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, H)

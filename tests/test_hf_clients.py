@@ -1,0 +1,78 @@
+"""What Hugging Face clients rely on beyond generate(): the old `past_key_values` name, tuple outputs, static-cache
+generation of a left-padded batch, and the up-front refusal of assisted decoding for a stateful model."""
+
+import pytest
+import torch
+
+from hybrid_rnn_lm import HybridRnnLmForSequenceClassification, HybridRnnLmModel
+from tests.test_modeling import peaky_model, random_ids, tiny_config
+
+
+def test_past_key_values_is_accepted_as_the_old_name_of_cache():
+    model = peaky_model(tiny_config("gru", "every-2nd", num_hidden_layers=2))
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        prefix = model(ids[:, :6], use_cache=True)
+        expected = model(ids[:, 6:], cache=prefix.cache).logits
+        again = model(ids[:, :6], use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old_name = model(ids[:, 6:], past_key_values=again.cache).logits
+        fresh = model(ids[:, 6:]).logits  # what a forward that ignored the cache would give
+    torch.testing.assert_close(old_name, expected, atol=0, rtol=0)
+    assert not torch.allclose(old_name, fresh, atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_return_dict_false_gives_tuples(where):
+    config = tiny_config("mingru", "every-2nd", num_hidden_layers=2, num_labels=3)
+    if where == "config":
+        config.return_dict = False
+    kwargs = {"return_dict": False} if where == "argument" else {}
+    torch.manual_seed(0)
+    causal = peaky_model(config)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        reference = causal(ids, labels=ids, use_cache=True, return_dict=True)
+        output = causal(ids, labels=ids, use_cache=True, **kwargs)
+    assert isinstance(output, tuple)
+    loss, logits, cache = output
+    assert torch.equal(loss, reference.loss) and torch.equal(logits, reference.logits)
+    assert cache.get_seq_length() == reference.cache.get_seq_length()
+
+    base = HybridRnnLmModel(config).eval()
+    classifier = HybridRnnLmForSequenceClassification(config).eval()
+    with torch.no_grad():
+        hidden = base(ids, use_cache=False, **kwargs)
+        scores = classifier(ids, use_cache=False, **kwargs)
+    assert isinstance(hidden, tuple) and hidden[0].shape == (2, 7, 32)
+    assert isinstance(scores, tuple) and scores[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("rnn_type", ["gru", "mingru"])
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "every-2nd"])
+def test_static_cache_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout, num_hidden_layers=2))
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batched = model.generate(ids, attention_mask=mask, cache_implementation="static", **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **settings)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} changed by padding"
+
+
+def test_assisted_decoding_is_refused_before_any_work():
+    model = peaky_model(tiny_config("gru", "all-attention"))
+    assistant = peaky_model(tiny_config("gru", "all-attention"), seed=1)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(random_ids(1, 4), assistant_model=assistant, max_new_tokens=4, do_sample=False)
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(random_ids(1, 4), prompt_lookup_num_tokens=2, max_new_tokens=4, do_sample=False)
+    assert calls == []  # refused up front, as for transformers' own recurrent models
