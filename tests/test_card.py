@@ -76,11 +76,10 @@ def test_card_metadata_and_model_index_equal_the_run_results(folder):
     assert {"hybrid-rnn-lm", "gru"} <= set(card.data.tags)
     assert card.data.datasets is None  # a local corpus is described in the text, never listed as a Hub dataset
     assert card.data.model_name == "tiny-run"
+    # The reported numbers: the best model on the whole validation split, evaluated when the run ended.
+    full = results["full_validation"]
     assert eval_values(card) == {
-        "loss": results["best_val_loss"],
-        "perplexity": results["val_perplexity"],
-        "bits_per_token": results["val_bits_per_token"],
-        "bits_per_character": results["val_bits_per_char"],
+        name: full[name] for name in ("loss", "perplexity", "bits_per_token", "bits_per_character")
     }
     assert {result.dataset_split for result in card.data.eval_results} == {"validation"}
 
@@ -94,7 +93,9 @@ def test_card_body_documents_architecture_training_and_results(folder):
     assert "| Recurrent cell | GRU (fused `torch.nn.GRU`) |" in text
     assert "| Attention layers | blocks 1 of 0-1 (1 of 2, every 2nd block) |" in text
     assert "| Attention window | sliding, 16 tokens |" in text
-    assert f"| Validation loss (nats per token) | {results['best_val_loss']:.4f} |" in text
+    assert "| Evaluated on | full validation split |" in text
+    assert f"| Validation loss (nats per token) | {results['full_validation']['loss']:.4f} |" in text
+    assert f"| Loss of the periodic evaluation that chose the best step | {results['best_val_loss']:.4f} |" in text
     assert "| `max_steps` | `12` |" in text and "| `learning_rate` | `0.01` |" in text
     assert "![Training and validation loss](loss_curve.png)" in text
     assert "## Intended use and limitations" in text
@@ -139,7 +140,7 @@ def test_gpt2_baseline_card_needs_no_remote_code(run_folder, tmp_path):
     assert "| Recurrent cell | none |" in card.text
     total = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())  # tied head counted once
     assert f"| Parameters | {total:,} |" in card.text
-    assert eval_values(card)["loss"] == results["best_val_loss"]
+    assert eval_values(card)["loss"] == results["full_validation"]["loss"]
     assert card.data.datasets == ["wikitext"]
     assert {(r.dataset_type, r.dataset_config) for r in card.data.eval_results} == {("wikitext", "wikitext-2-raw-v1")}
 

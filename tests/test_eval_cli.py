@@ -59,6 +59,9 @@ def test_eval_reproduces_the_training_validation_loss(shakespeare_slice, tmp_pat
     assert measured["bits_per_token"] == pytest.approx(results["val_bits_per_token"], abs=1e-5)
     assert measured["bits_per_character"] == pytest.approx(results["val_bits_per_char"], abs=1e-5)
     assert f"| loss (nats/token) | {measured['loss']:.6f} |" in out
+    # The run's own full-split evaluation of its best model says the same.
+    assert measured["loss"] == pytest.approx(results["full_validation"]["loss"], abs=1e-5)
+    assert measured["blocks"] == results["full_validation"]["blocks"]
 
 
 def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):

@@ -81,15 +81,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def validation_loss_of_saved_model(folder: Path, options: dict) -> float:
-    """Loads the output folder like a user and evaluates it on the run's evaluation blocks."""
+def validation_loss_of_saved_model(folder: Path, options: dict, whole_split: bool = False) -> float:
+    """Loads the output folder like a user and evaluates it on the run's evaluation blocks (or all of them)."""
     from training.data import load_corpus, tokenize_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     corpus = load_corpus(options.get("dataset", "python-docs"))
     blocks = tokenize_corpus(corpus, tokenizer, options["block_size"])["validation"]
-    ids = torch.tensor(blocks[: options["eval_batches"] * options["batch_size"]]["input_ids"], dtype=torch.long)
+    count = len(blocks) if whole_split else options["eval_batches"] * options["batch_size"]
+    ids = torch.tensor(blocks[:count]["input_ids"], dtype=torch.long)
     with torch.no_grad():
         logits = model(ids).logits.float()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum")
@@ -199,6 +200,16 @@ def test_metrics_jsonl_and_results_agree(trained):
 def test_saved_model_is_the_best_evaluated_one(trained):
     folder, options, results = trained
     assert validation_loss_of_saved_model(folder, options) == pytest.approx(results["best_val_loss"], rel=1e-5)
+
+
+def test_the_best_model_is_scored_on_the_whole_validation_split_at_the_end(trained):
+    folder, options, results = trained
+    full = results["full_validation"]
+    # Periodic evaluations saw 2 batches; the reported numbers cover every block of the split.
+    assert full["blocks"] > options["eval_batches"] * options["batch_size"]
+    assert full["loss"] == pytest.approx(validation_loss_of_saved_model(folder, options, whole_split=True), rel=1e-5)
+    assert full["perplexity"] == pytest.approx(math.exp(full["loss"]))
+    assert full["bits_per_token"] == pytest.approx(full["loss"] / math.log(2))
 
 
 def test_parameter_counts(trained):
