@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-import hybrid_rnn_lm  # noqa: F401  (registers the model with the Auto classes)
+from hybrid_rnn_lm import LORA_TARGET_MODULES  # importing the package registers the model with the Auto classes
 from training.data import collate_blocks, load_corpus, tokenize_corpus
 
-# Every nn.Linear of the model: attention projections, MLP, the projection after each recurrent cell, and the input
-# projection of the scan cells (mingru / minlstm: their whole recurrence is in in_proj).
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "out_proj", "in_proj"]
+# Every nn.Linear of the model (peft's default for hybrid_rnn_lm once the package is imported).
+LORA_TARGETS = LORA_TARGET_MODULES
 
 
 @dataclass

@@ -4,6 +4,8 @@ Importing the package registers it with the Auto classes, so `AutoConfig`, `Auto
 `AutoModelForCausalLM` and `AutoModelForSequenceClassification` resolve to it.
 """
 
+import importlib.util
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -13,6 +15,7 @@ from transformers import (
 
 from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
 from .modeling_hybrid_rnn_lm import (
+    LORA_TARGET_MODULES,
     HybridRnnLmForCausalLM,
     HybridRnnLmForSequenceClassification,
     HybridRnnLmModel,
@@ -30,9 +33,16 @@ HybridRnnLmModel.register_for_auto_class("AutoModel")
 HybridRnnLmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 HybridRnnLmForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
+# peft: LoraConfig() without target_modules looks the model type up in this table (as for in-library models).
+if importlib.util.find_spec("peft") is not None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(HybridRnnLmConfig.model_type, LORA_TARGET_MODULES)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "HybridRnnLmConfig",
     "HybridRnnLmForCausalLM",
     "HybridRnnLmForSequenceClassification",

@@ -39,6 +39,11 @@ from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
 
 RNN_CLASSES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
+# Every nn.Linear of the model: attention projections, MLP, the projection after each recurrent cell, and the
+# input projection of the scan cells (mingru / minlstm: their whole recurrence is in in_proj). peft's LoraConfig()
+# without target_modules picks this list up once the package is imported (see __init__.py).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "out_proj", "in_proj"]
+
 # What `save_pretrained` writes into config.json so that every head loads with trust_remote_code.
 AUTO_MAP = {
     "AutoConfig": "configuration_hybrid_rnn_lm.HybridRnnLmConfig",
@@ -680,6 +685,7 @@ class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
 
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "HybridRnnLmForCausalLM",
     "HybridRnnLmForSequenceClassification",
     "HybridRnnLmModel",
