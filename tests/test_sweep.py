@@ -344,6 +344,7 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
             model_args, data_args, _ = arguments_from_dict(run.options)
             counts[run.variation] = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
         reference = counts.pop("gpt2")["num_parameters"]
+        counts = {variation: count for variation, count in counts.items() if "-lr" not in variation}
         assert set(counts) == {"rnn", "gru", "lstm", "mingru", "minlstm"}
         for cell, count in counts.items():
             assert count["num_parameters"] == pytest.approx(reference, rel=0.1), (name, cell)
