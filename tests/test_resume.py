@@ -74,7 +74,10 @@ def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: 
 
 
 @pytest.mark.xdist_group("resume-kill")
-def test_sigkilled_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop):
+    """SIGKILL: no handler, no cleanup, the process just stops. SIGTERM (what schedulers send): a checkpoint after
+    the current step, the resume command, exit 143."""
     corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
@@ -83,9 +86,14 @@ def test_sigkilled_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path)
     killed_options = {**options, "output_dir": str(killed_dir)}
     process = start_training(killed_options, tmp_path)
     seen = wait_for_step(process, killed_dir / "metrics.jsonl", 13)
-    process.send_signal(signal.SIGKILL)  # no handler, no cleanup: the process just stops
-    process.wait(timeout=30)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=60)
     latest = resolve_checkpoint("latest", killed_dir)
+    if stop == signal.SIGTERM:
+        assert process.returncode == 143
+        [line] = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+        assert f"interrupted at step {latest.name.split('-')[1]} (SIGTERM)" in line
+        assert "--resume-from-checkpoint latest" in line
     assert 12 <= int(latest.name.split("-")[1]) < 64, (seen, latest)
     assert not (killed_dir / "results.json").exists()
 

@@ -1,9 +1,11 @@
 """Resumable checkpoints: `accelerator.save_state` folders at output_dir/checkpoints/checkpoint-<step>.
 
 A checkpoint is written into a hidden temporary folder and renamed into place only when complete, so a run
-killed mid-save never leaves a `checkpoint-<step>` that `latest` would pick up half-written.
+killed mid-save never leaves a `checkpoint-<step>` that `latest` would pick up half-written. The loop's own state
+(step, data position, best loss, ...) is `training_progress.json`: plain JSON, never a pickle.
 """
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TEMPORARY_PREFIX = ".tmp-"
 # What accelerate's save_state always writes; a folder without it is not a checkpoint.
 _REQUIRED_FILE = "model.safetensors"
+PROGRESS_FILE = "training_progress.json"
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
@@ -57,8 +60,11 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, limit: int) -> Path:
-    """Saves the full training state atomically, then keeps only the newest `limit` checkpoints."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, limit: int, progress: dict
+) -> Path:
+    """Saves the full training state (accelerate's, plus the loop's `progress` as JSON) atomically, then keeps only
+    the newest `limit` checkpoints."""
     root = checkpoints_root(output_dir)
     final = root / f"checkpoint-{step}"
     temporary = root / f"{_TEMPORARY_PREFIX}checkpoint-{step}"
@@ -69,6 +75,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (temporary / PROGRESS_FILE).write_text(json.dumps(progress, indent=2) + "\n")
         if final.exists():  # same step saved by an earlier attempt: move it aside first, rename is then atomic
             stale = root / f"{_TEMPORARY_PREFIX}stale-checkpoint-{step}"
             shutil.rmtree(stale, ignore_errors=True)
@@ -81,6 +88,30 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_progress(checkpoint: Path) -> dict:
+    """The loop state saved with a checkpoint; a one-line error naming the file when it is missing or broken, or
+    when the folder holds a pickled object state (accelerate would count it, and a pickle can run code)."""
+    pickled = sorted(path.name for path in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise UserError(
+            f"{checkpoint} holds {', '.join(pickled)}, a pickled object state that this version never writes and "
+            "never loads (loading a pickle can run arbitrary code); delete it to resume from this checkpoint"
+        )
+    path = checkpoint / PROGRESS_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{checkpoint} has no {PROGRESS_FILE} (the loop state): it was written by an older version, which kept "
+            "that state in a pickle that is never loaded; resume from a newer checkpoint or start the run again"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({error}); resume from an earlier checkpoint") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path} is not a loop state (no step); resume from an earlier checkpoint")
+    return state
 
 
 def remove_checkpoints_after(output_dir: str | os.PathLike, step: int) -> list[Path]:

@@ -182,7 +182,11 @@ def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_to
     transformers_logging.set_verbosity_error()  # the new weights are reported below, in words
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            folder, config=config, ignore_mismatched_sizes=bidirectional, output_loading_info=True
+            folder,
+            config=config,
+            ignore_mismatched_sizes=bidirectional,
+            output_loading_info=True,
+            use_safetensors=True,
         )
     finally:
         transformers_logging.set_verbosity(verbosity)

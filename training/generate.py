@@ -21,6 +21,7 @@ from transformers import logging as transformers_logging
 
 from training.arguments import CommandParser, arg
 from training.errors import UserError
+from training.model_files import weight_files
 from training.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def check_model_folder(path: str | Path) -> Path:
             f"{folder} is not a saved model (no config.json there): pass an output folder of `hybrid-lm train` "
             "or a folder written by save_pretrained"
         )
+    weight_files(folder)  # safetensors, or a one-line refusal (pickles are never loaded)
     import hybrid_rnn_lm  # noqa: F401  (registers the model with the Auto classes)
 
     return folder
@@ -71,7 +73,7 @@ def load_model_and_tokenizer(
     transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
     try:
-        model = model_class.from_pretrained(folder, **model_kwargs)
+        model = model_class.from_pretrained(folder, use_safetensors=True, **model_kwargs)
     except (OSError, ValueError) as error:
         raise UserError(f"{folder}: the model could not be loaded ({_first_line(error)}); check the folder") from None
     finally:

@@ -28,9 +28,8 @@ from training.card import (
     write_card,
 )
 from training.errors import UserError
+from training.model_files import weight_files
 
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 MODEL_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -42,7 +41,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 CARD_FILES = ("README.md", "loss_curve.png")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN to a token with write access"
 
 
@@ -63,7 +61,7 @@ def select_hub_files(folder: str | Path) -> list[str]:
     """The names (relative to `folder`) of the files a push uploads, README.md included; sorted."""
     folder = Path(folder)
     run = read_run(folder)  # checks the folder and config.json
-    files = [*_weight_files(folder), *_remote_code_files(folder, run.config)]
+    files = [*weight_files(folder, refusal="never pushed"), *_remote_code_files(folder, run.config)]
     files += [name for name in MODEL_FILES + TOKENIZER_FILES + CARD_FILES if (folder / name).is_file()]
     if not any(name in files for name in ("tokenizer.json", "tokenizer_config.json")):
         raise UserError(
@@ -71,24 +69,6 @@ def select_hub_files(folder: str | Path) -> list[str]:
             "not be used; save the tokenizer into the folder with `tokenizer.save_pretrained(folder)`"
         )
     return sorted(set(files))
-
-
-def _weight_files(folder: Path) -> list[str]:
-    if (folder / WEIGHTS_FILE).is_file():
-        return [WEIGHTS_FILE]
-    if (folder / WEIGHTS_INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX_FILE).read_text())["weight_map"].values()))
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise UserError(f"{folder} lacks weight shards {missing} listed in {WEIGHTS_INDEX_FILE}; save it again")
-        return [WEIGHTS_INDEX_FILE, *shards]
-    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UserError(
-            f"{folder} holds weights only as pickles ({', '.join(pickles)}), which are never pushed because loading "
-            f"a pickle can run arbitrary code; re-save the model as safetensors with `model.save_pretrained(folder)`"
-        )
-    raise UserError(f"{folder} has no {WEIGHTS_FILE}; pass the output folder of `hybrid-lm train`")
 
 
 def _remote_code_files(folder: Path, config: dict) -> list[str]:

@@ -22,7 +22,7 @@ from training.arguments import TrainArguments
 
 @dataclass
 class TrainingProgress:
-    """Loop state saved with every checkpoint (accelerate's register_for_checkpointing)."""
+    """Loop state saved with every checkpoint, as JSON (training_progress.json)."""
 
     step: int = 0
     epoch: int = 0

@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{stop}\nthe study stopped; run the same `hybrid-lm sweep` command again to continue it", file=sys.stderr
         )
-        return 130
+        return stop.exit_code
     report = write_report(study, planned, output_dir, quick=args.quick)
     print(
         f"study {study.name}: {counts['trained']} trained, {counts['skipped']} skipped in "

@@ -43,6 +43,7 @@ from training.arguments import (
 from training.checkpoints import (
     checkpoint_step,
     list_checkpoints,
+    read_progress,
     remove_checkpoints_after,
     remove_temporary_folders,
     resolve_checkpoint,
@@ -66,6 +67,27 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "language_modeling"
 RUN_FILES = ("metrics.jsonl", "results.json", "training_args.yaml", "loss_curve.png")
+# Everything a run (or a sweep around it) writes into its output folder: --overwrite-output-dir removes these, and
+# refuses to touch a folder that holds anything else.
+RUN_OUTPUTS = (
+    *RUN_FILES,
+    "checkpoints",
+    "logs",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "configuration_hybrid_rnn_lm.py",
+    "modeling_hybrid_rnn_lm.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "sweep_run.json",
+    "sweep_interrupted.json",
+)
+RUN_OUTPUT_PATTERNS = ("model-*-of-*.safetensors", ".tmp-model*")
 _TRACKER_CHECKS = {
     "tensorboard": "is_tensorboard_available",
     "wandb": "is_wandb_available",
@@ -80,7 +102,11 @@ _TRACKER_CHECKS = {
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; the message says how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code  # 128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_training(model_args, data_args, train_args)
     except TrainingInterrupted as stop:
         print(str(stop), file=sys.stderr)
-        return 130
+        return stop.exit_code
     finally:
         PartialState().destroy_process_group()
     if not PartialState().is_main_process:
@@ -151,9 +177,8 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         model, optimizer, train_dataloader, val_dataloader
     )
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, output_dir)
+        load_checkpoint(accelerator, resume_from, output_dir, progress)
 
     max_steps = resolve_max_steps(train_args, len(train_dataloader))
     tokens_per_step = (
@@ -185,7 +210,9 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         lr_multiplier=lr_schedule(train_args, optimizer, max_steps),
         evaluate=lambda: evaluate_model(accelerator, model, val_dataloader, metric, characters_per_token),
         save_best_model=save_best_model,
-        save_checkpoint=lambda step: save_checkpoint(accelerator, output_dir, step, train_args.checkpoint_limit),
+        save_checkpoint=lambda step: save_checkpoint(
+            accelerator, output_dir, step, train_args.checkpoint_limit, progress.state_dict()
+        ),
         log=log,
         stop_requested=interrupt.is_set,
         tokens_per_step=tokens_per_step,
@@ -198,8 +225,10 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         tracker.finish()
     if stopped_reason == "interrupted":
         raise TrainingInterrupted(
-            f"interrupted at step {progress.step}: checkpoint saved in {output_dir / 'checkpoints'}; continue with "
-            f"`hybrid-lm train {output_dir / 'training_args.yaml'} --resume-from-checkpoint latest`"
+            f"interrupted at step {progress.step} ({interrupt.signal_name}): checkpoint saved in "
+            f"{output_dir / 'checkpoints'}; continue with "
+            f"`hybrid-lm train {output_dir / 'training_args.yaml'} --resume-from-checkpoint latest`",
+            exit_code=128 + interrupt.signal_number,
         )
 
     results = {
@@ -324,23 +353,52 @@ def check_trackers(report_to: str) -> list[str] | None:
 
 
 def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
-    """The checkpoint to resume from, if any; refuses to clobber an earlier run. Writes nothing."""
+    """The checkpoint to resume from, if any; refuses to clobber an earlier run, and --overwrite-output-dir refuses a
+    folder that holds anything a run did not write. Writes nothing."""
     if args.resume_from_checkpoint:
-        return resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if any((output_dir / name).exists() for name in (*RUN_FILES, "checkpoints")) and not args.overwrite_output_dir:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        read_progress(checkpoint)  # a missing or broken loop state fails here, before anything is written
+        return checkpoint
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    ours, others = _output_dir_contents(output_dir)
+    has_run = any(path.name in (*RUN_FILES, "checkpoints") for path in ours)
+    if has_run and not args.overwrite_output_dir:
         raise UserError(
             f"{output_dir} already holds a training run; continue it with --resume-from-checkpoint latest, "
             "replace it with --overwrite-output-dir, or choose another --output-dir"
         )
+    if args.overwrite_output_dir and others:
+        shown = ", ".join(sorted(path.name for path in others)[:5]) + (", ..." if len(others) > 5 else "")
+        raise UserError(
+            f"--overwrite-output-dir: {output_dir} also holds files that no training run wrote ({shown}); nothing was "
+            "deleted: move them elsewhere or choose another --output-dir"
+        )
     return None
 
 
+def _output_dir_contents(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(what a run of ours wrote, everything else) in the folder."""
+    if not output_dir.is_dir():
+        return [], []
+    ours, others = [], []
+    for path in output_dir.iterdir():
+        mine = path.name in RUN_OUTPUTS or any(path.match(pattern) for pattern in RUN_OUTPUT_PATTERNS)
+        (ours if mine else others).append(path)
+    return ours, others
+
+
 def create_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArguments) -> None:
-    """Creates the folder (emptied first with --overwrite-output-dir) and removes leftovers of a killed save."""
+    """Creates the folder (with --overwrite-output-dir, the previous run's files removed first, nothing else) and
+    removes leftovers of a killed save."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not args.resume_from_checkpoint and output_dir.exists():
-            shutil.rmtree(output_dir)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for path in _output_dir_contents(output_dir)[0]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_temporary_folders(output_dir)
         for stale in output_dir.glob(".tmp-model*"):
@@ -562,7 +620,8 @@ def load_metric(accelerator: Accelerator):
         return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, output_dir: Path) -> None:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, output_dir: Path, progress: TrainingProgress) -> None:
+    state = read_progress(checkpoint)  # before anything is loaded: a broken checkpoint changes nothing
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, ValueError, KeyError) as error:
@@ -571,6 +630,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, output_dir: Path
             f"the arguments it was trained with: `hybrid-lm train {output_dir / 'training_args.yaml'} "
             "--resume-from-checkpoint ...`"
         ) from None
+    progress.load_state_dict(state)
     step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
         removed = remove_checkpoints_after(output_dir, step)
@@ -716,35 +776,53 @@ def write_model_card(output_dir: Path) -> None:
 
 
 class _InterruptFlag:
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C or SIGTERM (what cluster schedulers send before killing a job): finish the current step, save a
+    checkpoint, stop. A second one: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
-        self.raised = False
+        self.signal_number: int | None = None
+
+    @property
+    def raised(self) -> bool:
+        return self.signal_number is not None
+
+    @property
+    def signal_name(self) -> str:
+        return "Ctrl-C" if self.signal_number in (None, signal.SIGINT) else signal.Signals(self.signal_number).name
 
     def _handle(self, signum, frame):
         if self.raised:
             raise KeyboardInterrupt
-        self.raised = True
+        self.signal_number = signum
         if self.accelerator.is_main_process:
-            print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr)
+            print(
+                f"\n{self.signal_name}: saving a checkpoint after this step (send it again to stop at once)",
+                file=sys.stderr,
+            )
 
     def is_set(self) -> bool:
         if self.accelerator.num_processes == 1:
             return self.raised
-        flag = torch.tensor([float(self.raised)], device=self.accelerator.device)
-        return bool(self.accelerator.gather(flag).max() > 0)  # stop together: saving a checkpoint is collective
+        flag = torch.tensor([float(self.signal_number or 0)], device=self.accelerator.device)
+        received = int(self.accelerator.gather(flag).max().item())  # stop together: saving a checkpoint is collective
+        if received and not self.raised:
+            self.signal_number = received
+        return bool(received)
 
     @contextlib.contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._handle)
+        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 if __name__ == "__main__":

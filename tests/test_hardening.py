@@ -1,0 +1,178 @@
+"""Nothing lost, nothing unpickled: --overwrite-output-dir deletes only a previous run, checkpoints keep the loop
+state as JSON, and model folders whose weights are pickles are refused by every command."""
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tests.test_generate_cli import save_tiny_model
+from tests.test_train import single_thread, tiny_options  # noqa: F401
+from training.arguments import arguments_from_dict
+from training.checkpoints import PROGRESS_FILE, list_checkpoints
+from training.cli import main as cli_main
+from training.errors import UserError
+from training.train import run_training
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the hash of its bytes."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+class PlantedPickle:
+    """Unpickling this object creates `marker`: what a hostile file does when a full unpickler loads it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps(PlantedPickle(marker)))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()  # only what this command prints
+    code = cli_main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("run") / "out"
+    options = tiny_options(folder, max_steps=4, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    return folder, options
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --overwrite-output-dir
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_refuses_a_folder_with_files_no_run_wrote_and_deletes_nothing(tmp_path, capsys):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=2, eval_steps=2)
+    run_training(*arguments_from_dict(options))
+    (folder / "thesis.tex").write_text("three years of work")
+    (folder / "data").mkdir()
+    (folder / "data" / "notes.txt").write_text("keep me")
+    before = snapshot(folder)
+    code, err = run_cli(capsys, "train", "--output-dir", str(folder), "--max-steps", "2", "--overwrite-output-dir")
+    assert code == 2
+    assert err.strip() == (
+        f"error: --overwrite-output-dir: {folder} also holds files that no training run wrote (data, thesis.tex); "
+        "nothing was deleted: move them elsewhere or choose another --output-dir"
+    )
+    assert snapshot(folder) == before
+
+
+def test_overwrite_replaces_a_previous_run(tmp_path):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=4, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2", "checkpoint-4"]
+    results = run_training(*arguments_from_dict({**options, "max_steps": 2, "overwrite_output_dir": True}))
+    assert results["steps"] == 2
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]  # the old run's checkpoint-4 is gone
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    code, err = run_cli(capsys, "train", "--output-dir", str(target), "--max-steps", "2")
+    assert (
+        code == 2
+        and err.strip() == f"error: --output-dir {target} is a file, not a folder; choose another --output-dir"
+    )
+    assert target.read_text() == "not a folder"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# No pickles
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_keep_the_loop_state_as_json_and_resume_never_unpickles(finished_run, tmp_path):
+    folder, options = finished_run
+    checkpoint = list_checkpoints(folder)[-1]
+    state = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 4 * 32
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+
+    # A planted pickle where accelerate would look for a registered object's state is refused, never loaded.
+    marker = tmp_path / "pwned"
+    plant(checkpoint / "custom_checkpoint_0.pkl", marker)
+    resume = arguments_from_dict({**options, "max_steps": 6, "resume_from_checkpoint": "latest"})
+    with pytest.raises(UserError, match=r"holds custom_checkpoint_0\.pkl, a pickled object state .* delete it"):
+        run_training(*resume)
+    assert not marker.exists()
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    assert run_training(*resume)["steps"] == 6
+
+
+def test_a_checkpoint_without_its_loop_state_is_a_one_line_error(tmp_path, capsys):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=2, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    checkpoint = list_checkpoints(folder)[-1]
+    (checkpoint / PROGRESS_FILE).unlink()
+    before = snapshot(folder)
+    code, err = run_cli(
+        capsys, "train", str(folder / "training_args.yaml"), "--max-steps", "4", "--resume-from-checkpoint", "latest"
+    )
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {checkpoint} has no {PROGRESS_FILE}") and "never loaded" in line
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "inspect", "finetune-classify"])
+def test_model_folders_with_only_pickled_weights_are_refused_and_never_loaded(tmp_path, capsys, command):
+    folder = save_tiny_model(tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    plant(folder / "pytorch_model.bin", marker)
+    arguments = {
+        "generate": ["generate", "--model", str(folder), "--prompt", "a"],
+        "eval": ["eval", "--model", str(folder), "--dataset", "python-docs"],
+        "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(tmp_path / "inspect")],
+        "finetune-classify": [
+            "finetune-classify",
+            "--model",
+            str(folder),
+            "--train",
+            str(tmp_path / "train.csv"),
+            "--output-dir",
+            str(tmp_path / "classifier"),
+        ],
+    }[command]
+    (tmp_path / "train.csv").write_text("text,label\ngood,1\nbad,0\n")
+    code, err = run_cli(capsys, *arguments)
+    assert code == 2
+    assert err.strip() == (
+        f"error: {folder} holds weights only as pickles (pytorch_model.bin), which are never loaded because loading "
+        "a pickle can run arbitrary code; re-save the model as safetensors with `model.save_pretrained(folder)`"
+    )
+    assert not marker.exists()
+    assert not (tmp_path / "inspect").exists() and not (tmp_path / "classifier").exists()
+
+
+def test_a_pickle_beside_safetensors_weights_is_never_loaded(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "model")
+    marker = tmp_path / "pwned"
+    plant(folder / "pytorch_model.bin", marker)
+    code, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "3")
+    assert code == 0
+    assert not marker.exists()

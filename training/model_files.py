@@ -1,0 +1,30 @@
+"""The weights of a saved model folder: safetensors only. A folder whose weights exist only as pickles
+(`pytorch_model.bin`, `.pt`, ...) is refused by every command, never loaded: unpickling can run arbitrary code."""
+
+import json
+from pathlib import Path
+
+from training.errors import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def weight_files(folder: Path, refusal: str = "never loaded") -> list[str]:
+    """The safetensors files of `folder` (one file, or an index and its shards); a UserError otherwise."""
+    if (folder / WEIGHTS_FILE).is_file():
+        return [WEIGHTS_FILE]
+    if (folder / WEIGHTS_INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX_FILE).read_text())["weight_map"].values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise UserError(f"{folder} lacks weight shards {missing} listed in {WEIGHTS_INDEX_FILE}; save it again")
+        return [WEIGHTS_INDEX_FILE, *shards]
+    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(
+            f"{folder} holds weights only as pickles ({', '.join(pickles)}), which are {refusal} because loading "
+            f"a pickle can run arbitrary code; re-save the model as safetensors with `model.save_pretrained(folder)`"
+        )
+    raise UserError(f"{folder} has no {WEIGHTS_FILE}; pass the output folder of `hybrid-lm train`")
