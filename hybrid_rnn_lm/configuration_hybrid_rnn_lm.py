@@ -1,10 +1,13 @@
 """Configuration of the hybrid recurrent + attention language model."""
 
+import math
+
 from transformers import PreTrainedConfig
 
 FUSED_RNN_TYPES = ("rnn", "gru", "lstm")  # torch's fused nn.RNN / nn.GRU / nn.LSTM: a sequential loop over time
 SCAN_RNN_TYPES = ("mingru", "minlstm")  # gates from the input only: a whole block at once with a parallel scan
 RNN_TYPES = FUSED_RNN_TYPES + SCAN_RNN_TYPES
+MAX_VOCAB_SIZE = 2**24  # 16.8M tokens: far above any real vocabulary, far below an embedding that cannot be allocated
 
 
 class HybridRnnLmConfig(PreTrainedConfig):
@@ -151,6 +154,12 @@ class HybridRnnLmConfig(PreTrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, f"must be a positive integer, got {value!r}")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            fail("vocab_size", f"{self.vocab_size:,} is more than {MAX_VOCAB_SIZE:,} tokens; check the value")
+        for field in ("use_residual", "bidirectional", "tie_word_embeddings", "use_cache"):
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                fail(field, f"must be True or False, got {value!r}")
         if self.rnn_type not in RNN_TYPES:
             fail("rnn_type", f"must be one of {', '.join(repr(t) for t in RNN_TYPES)}, got {self.rnn_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -183,10 +192,14 @@ class HybridRnnLmConfig(PreTrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 fail(field, f"must be a probability in [0, 1), got {value!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            fail("layer_norm_eps", f"must be > 0, got {self.layer_norm_eps!r}")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
-            fail("initializer_range", f"must be > 0, got {self.initializer_range!r}")
+        for field in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, field)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                fail(field, f"must be a finite number > 0, got {value!r}")
         for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, field)
             ids = value if isinstance(value, list) and field == "eos_token_id" else [value]

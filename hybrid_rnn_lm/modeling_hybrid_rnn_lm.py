@@ -34,6 +34,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
 
@@ -480,6 +481,10 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+        elif inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds is empty (shape {tuple(inputs_embeds.shape)}); pass at least one token")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, H)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
@@ -521,6 +526,22 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """An empty batch or an id outside the vocabulary is a clear ValueError, not an index error deep inside."""
+        if input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one sequence of one token"
+            )
+        if is_tracing(input_ids):  # a data-dependent check cannot be traced or exported
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside [0, vocab_size={self.config.vocab_size}); the tokenizer "
+                "does not match this model (or resize_token_embeddings was not called after adding tokens)"
+            )
 
     def _padding_mask(self, attention_mask, inputs_embeds, cache) -> torch.Tensor | None:
         """(B, T) bool, True on real tokens of this forward; None when nothing is padded (or one token is decoded)."""

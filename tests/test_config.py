@@ -71,6 +71,12 @@ def test_json_round_trip(tmp_path):
             {"vocab_size": 10, "eos_token_id": 10},
             "HybridRnnLmConfig.eos_token_id: must be None or an id in [0, vocab_size=10), got 10",
         ),
+        ({"vocab_size": 10**9}, "HybridRnnLmConfig.vocab_size: 1,000,000,000 is more than 16,777,216 tokens"),
+        ({"use_residual": "no"}, "HybridRnnLmConfig.use_residual: must be True or False, got 'no'"),
+        ({"bidirectional": 1}, "HybridRnnLmConfig.bidirectional: must be True or False, got 1"),
+        ({"layer_norm_eps": float("nan")}, "HybridRnnLmConfig.layer_norm_eps: must be a finite number > 0, got nan"),
+        ({"initializer_range": float("inf")}, "HybridRnnLmConfig.initializer_range: must be a finite number > 0"),
+        ({"scan_chunk_size": 0}, "HybridRnnLmConfig.scan_chunk_size: must be a positive integer"),
     ],
     ids=lambda value: None if isinstance(value, dict) else value.split(":")[0].split(".")[-1],
 )

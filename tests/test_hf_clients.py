@@ -76,3 +76,20 @@ def test_assisted_decoding_is_refused_before_any_work():
     with pytest.raises(ValueError, match="stateful"):
         model.generate(random_ids(1, 4), prompt_lookup_num_tokens=2, max_new_tokens=4, do_sample=False)
     assert calls == []  # refused up front, as for transformers' own recurrent models
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.zeros(0, 5, dtype=torch.long), "input_ids is empty (shape (0, 5)); pass at least one sequence"),
+        (torch.zeros(2, 0, dtype=torch.long), "input_ids is empty (shape (2, 0))"),
+        (torch.tensor([[1, 37]]), "input_ids holds token id 37, outside [0, vocab_size=37); the tokenizer"),
+        (torch.tensor([[-1, 3]]), "input_ids holds token id -1, outside [0, vocab_size=37)"),
+    ],
+    ids=["empty-batch", "empty-sequence", "id-too-large", "negative-id"],
+)
+def test_bad_input_ids_are_a_clear_value_error(ids, message):
+    model = peaky_model(tiny_config("gru", "every-2nd"))
+    with pytest.raises(ValueError) as error:
+        model(ids)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)

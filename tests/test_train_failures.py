@@ -106,6 +106,10 @@ BAD_ARGUMENTS = {
     "missing-dataset": (["--dataset", "missing/corpus.txt"], "does not exist"),
     "missing-tokenizer": (["--tokenizer", "no-such-tokenizer"], "unknown tokenizer 'no-such-tokenizer'"),
     "missing-model-config": (["--model-config", "nowhere"], "no config.json there"),
+    "learning-rate-nan": (["--learning-rate", "nan"], "option learning_rate must be a finite number, got nan"),
+    "time-budget-inf": (["--max-train-minutes", "inf"], "option max_train_minutes must be a finite number, got inf"),
+    "seed-out-of-range": (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
+    "negative-seed": (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     "fp16-on-cpu": pytest.param(["--mixed-precision", "fp16"], "needs a CUDA GPU", marks=NO_CUDA),
     "tracker-not-installed": pytest.param(
         ["--report-to", "tensorboard"],

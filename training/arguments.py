@@ -161,8 +161,8 @@ class TrainArguments:
 
     def __post_init__(self):
         _check_types(self)
-        if self.max_train_minutes is not None and not math.isfinite(self.max_train_minutes):
-            raise UserError(f"--max-train-minutes must be a finite number, got {self.max_train_minutes}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}; pick e.g. 1337")
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "eval_steps", "log_steps")
         _check_positive(self, "checkpoint_limit")
         _check_positive(self, "max_steps", "epochs", "early_stopping_patience", "max_train_minutes", allow_none=True)
@@ -330,6 +330,8 @@ def _check_types(instance) -> None:
                 continue
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise UserError(f"option {f.name} must be {expected}, got {value!r}; fix the value")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"option {f.name} must be a finite number, got {value}; fix the value")
         if typing.get_origin(hints[f.name]) is Literal and value not in typing.get_args(hints[f.name]):
             choices = ", ".join(map(str, typing.get_args(hints[f.name])))
             raise UserError(f"option {f.name} must be one of {choices}, got {value!r}")
