@@ -163,3 +163,24 @@ def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path, capsys):
     assert "already holds a training run" in message and "--resume-from-checkpoint latest" in message
     assert (output_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
     assert sorted(p.name for p in output_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_tensorboard_tracker_writes_event_files_and_survives_overwrite(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=3, eval_steps=3, report_to="tensorboard")
+    run_training(*arguments_from_dict(options))
+    first = sorted((folder / "logs").rglob("events.out.tfevents.*"))
+    run_training(*arguments_from_dict({**options, "overwrite_output_dir": True}))
+    files = sorted((folder / "logs").rglob("events.out.tfevents.*"))
+    assert files and not set(first) & set(files)  # the old run's logs were replaced, the new ones kept
+    [scalar_file] = [path for path in files if path.parent == folder / "logs" / "out"]  # hparams go to a subfolder
+    events = EventAccumulator(str(scalar_file)).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train_loss", "val_loss", "lr"} <= set(scalars)
+    logged = {row["step"]: row for row in read_metrics(folder / "metrics.jsonl") if "train_loss" in row}
+    assert [event.step for event in events.Scalars("train_loss")] == sorted(logged)
+    for event in events.Scalars("train_loss"):
+        assert event.value == pytest.approx(logged[event.step]["train_loss"], rel=1e-6)

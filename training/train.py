@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, LoggerType, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    LoggerType,
+    ProjectConfiguration,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 
 from training.arguments import (
@@ -168,6 +174,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
     create_output_dir(accelerator, output_dir, train_args)
+    start_trackers(accelerator, output_dir, train_args)
     if accelerator.is_main_process:
         used = dataclasses.replace(train_args, output_dir=str(output_dir))
         write_arguments_yaml(output_dir / "training_args.yaml", model_args, data_args, used)
@@ -279,6 +286,7 @@ def build_accelerator(args: TrainArguments) -> tuple[Accelerator, Path]:
     """The Accelerator of this run and the run's output folder (the same on every process)."""
     check_mixed_precision(args.mixed_precision)
     trackers = check_trackers(args.report_to)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
     # One process may run several trainings (a sweep): forget the previous run's precision/accumulation settings.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
@@ -290,6 +298,8 @@ def build_accelerator(args: TrainArguments) -> tuple[Accelerator, Path]:
         ),
         # Shuffling from a seed + epoch generator makes mid-epoch resume exact (see loop.batch_stream).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Trackers that write files (tensorboard, ...) need their folder when the Accelerator is built.
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         log_with=trackers,
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -300,21 +310,23 @@ def build_accelerator(args: TrainArguments) -> tuple[Accelerator, Path]:
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 "
             "--mixed_precision no --dynamo_backend no -m training.train ...`"
         )
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(accelerator)
-    accelerator.project_configuration.set_directories(str(output_dir))
-    accelerator.project_configuration.logging_dir = str(output_dir / "logs")
-    if trackers:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(output_dir.name, config=config)
     return accelerator, output_dir
 
 
-def default_output_dir(accelerator: Accelerator) -> Path:
+def start_trackers(accelerator: Accelerator, output_dir: Path, args: TrainArguments) -> None:
+    """After the output folder is prepared (--overwrite-output-dir empties it first): the trackers' files stay."""
+    if accelerator.log_with:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(output_dir.name, config=config)
+
+
+def default_output_dir() -> Path:
     """runs/hybrid-lm-<time>, with the main process's clock so that every process writes to the same folder."""
     from accelerate.utils import broadcast_object_list
 
+    state = PartialState()
     stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    if accelerator.num_processes > 1:
+    if state.num_processes > 1:
         broadcast_object_list(stamp, from_process=0)
     return Path("runs") / f"hybrid-lm-{stamp[0]}"
 
