@@ -93,3 +93,28 @@ def test_bad_input_ids_are_a_clear_value_error(ids, message):
     with pytest.raises(ValueError) as error:
         model(ids)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_torch_export_with_an_attention_mask_reproduces_the_logits():
+    """The scan cells' padding is pure tensor algebra (no data-dependent branch), so the padded forward exports."""
+    model = peaky_model(tiny_config("mingru", "every-2nd"))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    wrapped = Logits(model).eval()
+    exported = torch.export.export(wrapped, (ids, mask))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(ids, mask), wrapped(ids, mask), atol=1e-6, rtol=0)
+        other = random_ids(2, 9, seed=5)  # other tokens and another padding through the same program
+        other_mask = torch.ones_like(other)
+        other_mask[1, :5] = 0
+        torch.testing.assert_close(exported.module()(other, other_mask), wrapped(other, other_mask), atol=1e-6, rtol=0)
