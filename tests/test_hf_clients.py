@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from hybrid_rnn_lm import HybridRnnLmForSequenceClassification, HybridRnnLmModel
-from tests.test_modeling import peaky_model, random_ids, tiny_config
+from tests.test_modeling import (
+    assert_batch_generates_what_each_prompt_generates_alone,
+    peaky_model,
+    random_ids,
+    tiny_config,
+)
 
 
 def test_past_key_values_is_accepted_as_the_old_name_of_cache():
@@ -52,18 +57,7 @@ def test_return_dict_false_gives_tuples(where):
 @pytest.mark.parametrize("layout", ["no-attention", "all-attention", "every-2nd"])
 def test_static_cache_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
     model = peaky_model(tiny_config(rnn_type, layout, num_hidden_layers=2))
-    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    batched = model.generate(ids, attention_mask=mask, cache_implementation="static", **settings)
-    for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], **settings)
-        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} changed by padding"
+    assert_batch_generates_what_each_prompt_generates_alone(model, cache_implementation="static")
 
 
 def test_assisted_decoding_is_refused_before_any_work():

@@ -128,22 +128,34 @@ def test_sampling_and_num_return_sequences():
     assert torch.equal(first[0, :4], prompt[0]) and torch.equal(first[3, :4], prompt[1])
 
 
-@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "sliding-window"])
-@pytest.mark.parametrize("rnn_type", RNN_TYPES)
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
-    model = peaky_model(tiny_config(rnn_type, layout))
-    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
-    width = max(len(p) for p in prompts)
+def left_padded_prompts(lengths=(3, 7, 5)) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths, and the batch generate() gets for them: (prompts, ids, attention mask)."""
+    prompts = [random_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = 1
+    return prompts, ids, mask
+
+
+def assert_batch_generates_what_each_prompt_generates_alone(model, **generate_kwargs):
+    prompts, ids, mask = left_padded_prompts()
     settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
-    batched = model.generate(ids, attention_mask=mask, **settings)
+    batched = model.generate(ids, attention_mask=mask, **settings, **generate_kwargs)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], **settings)
-        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} changed by padding"
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, len(prompt) :]), f"row {row} changed by padding"
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention", "sliding-window"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
+    model = peaky_model(tiny_config(rnn_type, layout))
+    assert_batch_generates_what_each_prompt_generates_alone(model)
+    prompts, ids, mask = left_padded_prompts()
+    width = ids.shape[1]
 
     # The forward pass too: a padded row's logits at real positions equal the unpadded ones.
     with torch.no_grad():
