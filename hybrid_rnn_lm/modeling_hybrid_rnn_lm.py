@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -24,6 +24,7 @@ from transformers.masking_utils import (
     create_causal_mask,
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -85,12 +86,18 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(directions * config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cached = _read_recurrent_state(cache, self.layer_idx)
         initial_state = None if cached is None else self._to_torch_state(cached)
 
-        if padding_mask is None:
+        if document_starts is not None:
+            output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
+        elif padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
             output, final_state = self._forward_padded(hidden_states, padding_mask, initial_state)
@@ -120,6 +127,41 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             previous = initial_state if initial_state is not None else self._zeros_like(final_state)
             final_state = self._select_rows(empty_rows, previous, final_state)
         return output, final_state
+
+    def _forward_documents(self, hidden_states, document_starts, initial_state):
+        """Packed rows (several documents one after another): every document runs as its own sequence, from a zero
+        state (the first one of a row from `initial_state`), so no state crosses a document boundary."""
+        batch, length, _ = hidden_states.shape
+        starts = document_starts.clone()
+        starts[:, 0] = True
+        segments = []  # (row, start, end), row-major: concatenating the outputs rebuilds the rows
+        for row in range(batch):
+            edges = starts[row].nonzero().flatten().tolist() + [length]
+            segments += [(row, start, end) for start, end in zip(edges, edges[1:])]
+        pieces = [hidden_states[row, start:end] for row, start, end in segments]
+        first = [index for index, (_, start, _) in enumerate(segments) if start == 0]  # each row's first document
+        state = None
+        if initial_state is not None:
+            state = self._zeros_like(self._select_segments(initial_state, [0] * len(segments)))
+            state = self._place_rows(state, first, initial_state)
+        packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False), state)
+        padded, _ = pad_packed_sequence(packed_output, batch_first=True)  # (segments, longest, D)
+        output = torch.cat([padded[index, : end - start] for index, (_, start, end) in enumerate(segments)])
+        last = [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
+        return output.view(batch, length, -1), self._select_segments(final_state, last)
+
+    def _select_segments(self, state, indices: list[int]):
+        index = torch.tensor(indices, device=(state[0] if self.is_lstm else state).device)
+        if self.is_lstm:
+            return tuple(s.index_select(1, index) for s in state)
+        return state.index_select(1, index)
+
+    def _place_rows(self, state, positions: list[int], rows):
+        """`state` (S, segments, H) with the rows' states written at the segment indices `positions`."""
+        index = torch.tensor(positions, device=(rows[0] if self.is_lstm else rows).device)
+        if self.is_lstm:
+            return tuple(s.index_copy(1, index, r) for s, r in zip(state, rows))
+        return state.index_copy(1, index, rows)
 
     def _to_cache_state(self, state) -> torch.Tensor:
         if self.is_lstm:
@@ -242,8 +284,10 @@ class HybridRnnLmScanMixer(nn.Module):
         total = forget + write
         return forget / total, write / total * candidate
 
-    def _run(self, projection, hidden_states, padding_mask, initial_state):
+    def _run(self, projection, hidden_states, padding_mask, initial_state, document_starts=None):
         a, b = self._coefficients(projection(hidden_states))
+        if document_starts is not None:  # a = 0 forgets everything before: the document starts from a zero state
+            a = a.masked_fill(document_starts[..., None], 0.0)
         if padding_mask is not None:
             real = padding_mask[..., None]  # (B, T, 1)
             a = torch.where(real, a, torch.ones_like(a))
@@ -251,15 +295,23 @@ class HybridRnnLmScanMixer(nn.Module):
         return linear_recurrence_scan(a, b, initial_state, self.chunk_size)  # (B, T, H) float32
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cached = _read_recurrent_state(cache, self.layer_idx)  # (B, 1, H) or None
         initial_state = None if cached is None else cached[:, 0]
-        output = self._run(self.in_proj, hidden_states, padding_mask, initial_state)
+        output = self._run(self.in_proj, hidden_states, padding_mask, initial_state, document_starts)
         _write_recurrent_state(cache, output[:, -1:].to(hidden_states.dtype), self.layer_idx)
         if hasattr(self, "in_proj_reverse"):  # encoder use: the same recurrence from the last token backwards
             mask = None if padding_mask is None else padding_mask.flip(1)
-            reverse = self._run(self.in_proj_reverse, hidden_states.flip(1), mask, None).flip(1)
+            # Backwards, a document's last token starts it: the token before the next document start.
+            ends = None if document_starts is None else torch.roll(document_starts, -1, dims=1).flip(1)
+            if ends is not None:
+                ends[:, 0] = False
+            reverse = self._run(self.in_proj_reverse, hidden_states.flip(1), mask, None, ends).flip(1)
             output = torch.cat([output, reverse], dim=-1)
         if padding_mask is not None:  # as the fused cells: padded positions output zeros
             output = output.masked_fill(~padding_mask[..., None], 0.0)
@@ -383,8 +435,17 @@ class HybridRnnLmBlock(GradientCheckpointingLayer):
         update = self.dropout(update)
         return stream + update if self.use_residual else update
 
-    def forward(self, hidden_states, attention_mask=None, padding_mask=None, cache: Cache | None = None, **kwargs):
-        hidden_states = self._merge(hidden_states, self.rnn(self.rnn_norm(hidden_states), padding_mask, cache))
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        padding_mask=None,
+        cache: Cache | None = None,
+        document_starts=None,
+        **kwargs,
+    ):
+        mixed = self.rnn(self.rnn_norm(hidden_states), padding_mask, cache, document_starts)
+        hidden_states = self._merge(hidden_states, mixed)
         attention_weights = None
         if self.has_attention:
             update, attention_weights = self.attn(self.attn_norm(hidden_states), attention_mask, cache, **kwargs)
@@ -501,7 +562,8 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         padding_mask = self._padding_mask(attention_mask, inputs_embeds, cache)
-        attention_mask = self._attention_mask(attention_mask, inputs_embeds, cache)
+        document_starts = self._document_starts(position_ids, attention_mask, inputs_embeds, cache)
+        attention_mask = self._attention_mask(attention_mask, inputs_embeds, cache, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states, all_attentions = [], []
@@ -509,7 +571,12 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             hidden_states, attention_weights = block(
-                hidden_states, attention_mask=attention_mask, padding_mask=padding_mask, cache=cache, **kwargs
+                hidden_states,
+                attention_mask=attention_mask,
+                padding_mask=padding_mask,
+                cache=cache,
+                document_starts=document_starts,
+                **kwargs,
             )
             if padding_mask is not None:
                 # A padded query attends to nothing and may come out NaN; keep padded positions at exactly zero.
@@ -551,7 +618,21 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             mask = create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
         return None if mask is None else mask.bool()
 
-    def _attention_mask(self, attention_mask, inputs_embeds, cache):
+    @staticmethod
+    def _document_starts(position_ids, attention_mask, inputs_embeds, cache) -> torch.Tensor | None:
+        """(B, T) bool, True where a packed row starts a new document (position_ids restart at 0, what
+        DataCollatorWithFlattening and TRL's padding-free batches send); None for ordinary rows. Detected exactly when
+        transformers' mask utilities detect packed sequences (no attention mask, no cache), so that attention and
+        recurrence agree on the documents."""
+        if position_ids is None or attention_mask is not None or cache is not None:
+            return None
+        position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
+        documents = find_packed_sequence_indices(position_ids)  # (B, T) document index, or None when unpacked
+        if documents is None:
+            return None
+        return torch.diff(documents, dim=1, prepend=documents[:, :1]) != 0
+
+    def _attention_mask(self, attention_mask, inputs_embeds, cache, position_ids=None):
         indices = self.config.attention_layer_indices
         if not indices:
             return None
@@ -568,6 +649,7 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             "attention_mask": attention_mask,
             "cache": cache,
             "layer_idx": indices[0],
+            "position_ids": position_ids,  # packed rows: attention stays within each document
         }
         if self.config.attention_window is None:
             return create_causal_mask(**mask_kwargs)
