@@ -50,6 +50,9 @@ def gpt2(block_size: int) -> GPT2LMHeadModel:
         n_layer=GPT2_LAYERS,
         n_head=HEADS,
         n_positions=block_size,
+        resid_pdrop=0.0,  # GPT2Config's defaults are 0.1: training runs (and the hybrid) use no dropout
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         bos_token_id=None,
         eos_token_id=None,
     )

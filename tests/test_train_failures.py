@@ -184,3 +184,59 @@ def test_tensorboard_tracker_writes_event_files_and_survives_overwrite(tmp_path)
     assert [event.step for event in events.Scalars("train_loss")] == sorted(logged)
     for event in events.Scalars("train_loss"):
         assert event.value == pytest.approx(logged[event.step]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("what", ["gradient", "evaluation", "weights"])
+def test_non_finite_gradient_evaluation_or_weights_stop_before_anything_is_written(tmp_path, monkeypatch, what):
+    """Whatever turns non-finite first, no checkpoint and no best model are written from that point, and the message
+    says which it was and names the last good checkpoint."""
+    import accelerate
+
+    import training.train
+
+    options = tiny_options(tmp_path / "out", max_steps=12, eval_steps=4, checkpoint_steps=4, lr_scheduler="constant")
+    if what == "gradient":  # from the 6th optimizer step on, the gradient norm is infinite (the loss stays finite)
+        original = accelerate.Accelerator.clip_grad_norm_
+        calls = []
+
+        def clip(self, *args, **kwargs):
+            calls.append(1)
+            norm = original(self, *args, **kwargs)
+            return norm if len(calls) < 6 else torch.full_like(norm, math.inf)
+
+        monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
+        expected, reason, step = "the gradient norm is inf (not finite)", "non_finite_gradient", 6
+    elif what == "evaluation":  # the evaluation at step 8 gives NaN
+        original = training.train.evaluate_model
+        evaluations = []
+
+        def evaluate(*args, **kwargs):
+            evaluations.append(1)
+            metrics = original(*args, **kwargs)
+            return {**metrics, "val_loss": math.nan} if len(evaluations) == 3 else metrics
+
+        monkeypatch.setattr(training.train, "evaluate_model", evaluate)
+        expected, reason, step = "the validation loss is nan (not finite)", "non_finite_evaluation", 8
+    else:  # the 8th optimizer step leaves an infinite weight behind, found when checkpoint-8 is due
+        options["eval_steps"] = 12
+        original = torch.optim.AdamW.step
+        steps = []
+
+        def step_and_break(self, *args, **kwargs):
+            steps.append(1)
+            result = original(self, *args, **kwargs)
+            if len(steps) == 8:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+            return result
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step_and_break)
+        expected, reason, step = "the weights are not finite after the last optimizer step", "non_finite_weights", 8
+    results = run_training(*arguments_from_dict(options))
+    assert results["stopped_reason"] == reason
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-4"]
+    assert results["message"].startswith(f"training stopped at step {step}: {expected}")
+    assert f"the last good one is {tmp_path / 'out' / 'checkpoints' / 'checkpoint-4'}" in results["message"]
+    best = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in best.values())
+    assert "full_validation" not in results

@@ -60,11 +60,12 @@ class LoopParts:
     resumed: bool = False
     on_batch: Callable[[int, torch.Tensor], None] | None = None  # (step, input_ids) of every micro-batch
     last_loss: float = field(default=math.nan)
+    non_finite: str = ""  # what was not finite when the run stopped for it, in words
 
 
 def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArguments, max_steps: int) -> str:
     """Trains up to `max_steps` (or the time budget); returns why it stopped: max_steps, time_budget, early_stopping,
-    non_finite_loss, interrupted."""
+    interrupted, or non_finite_loss / _gradient / _evaluation / _weights (nothing written from that point on)."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     batches = batch_stream(parts.train_dataloader, accelerator, progress)
     start_step = progress.step
@@ -105,6 +106,10 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                         **metrics,
                     }
                 )
+                if not math.isfinite(metrics["val_loss"]):  # no best model, no checkpoint from these weights
+                    parts.non_finite = f"the validation loss is {metrics['val_loss']}"
+                    stop_reason = "non_finite_evaluation"
+                    break
                 if metrics["val_loss"] < progress.best_val_loss:
                     progress.best_val_loss, progress.best_step = metrics["val_loss"], step
                     progress.evals_without_improvement = 0
@@ -117,6 +122,10 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
             if at_end:
                 stop_reason = "max_steps" if step >= max_steps else "time_budget"
             if stop_reason or (args.checkpoint_steps and step > 0 and step % args.checkpoint_steps == 0):
+                if not _weights_are_finite(model):
+                    parts.non_finite = "the weights are not finite after the last optimizer step"
+                    stop_reason = "non_finite_weights"
+                    break
                 parts.save_checkpoint(step)
         elif at_end:
             stop_reason = "max_steps" if step >= max_steps else "time_budget"
@@ -145,9 +154,12 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
         # 4. Clip; a non-finite loss or gradient stops before the optimizer can spread it into the weights.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
         parts.last_loss = step_loss.item()
-        if not math.isfinite(parts.last_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+        if not math.isfinite(parts.last_loss):
+            parts.non_finite, stop_reason = f"the loss is {parts.last_loss}", "non_finite_loss"
+        elif grad_norm is not None and not torch.isfinite(grad_norm):
+            parts.non_finite, stop_reason = f"the gradient norm is {grad_norm.item()}", "non_finite_gradient"
+        if stop_reason:
             optimizer.zero_grad(set_to_none=True)
-            stop_reason = "non_finite_loss"
             break
 
         # 5. Step.
@@ -198,6 +210,10 @@ def schedule_position(
         return step
     time_fraction = min(1.0, train_seconds / budget_seconds)
     return max(step, warmup_steps + (max_steps - warmup_steps) * time_fraction)
+
+
+def _weights_are_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
 
 
 def _main_process_value(accelerator: Accelerator, value: float) -> float:

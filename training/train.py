@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         PartialState().destroy_process_group()
     if not PartialState().is_main_process:
         return 0
-    if results["stopped_reason"] == "non_finite_loss":
+    if results["stopped_reason"].startswith("non_finite"):
         print(f"error: {results['message']}", file=sys.stderr)
         return 1
     full = results.get("full_validation") or {}
@@ -254,14 +254,16 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         "train_seconds": progress.train_seconds,
         "stopped_reason": stopped_reason,
     }
-    if stopped_reason == "non_finite_loss":
+    non_finite = stopped_reason.startswith("non_finite")
+    if non_finite:
         last_good = list_checkpoints(output_dir)
+        step = progress.step + (1 if stopped_reason in ("non_finite_loss", "non_finite_gradient") else 0)
         results["message"] = (
-            f"training stopped at step {progress.step + 1}: the loss is {parts.last_loss} (not finite); no checkpoint "
+            f"training stopped at step {step}: {parts.non_finite} (not finite); no checkpoint "
             f"was written after it, the last good one is {last_good[-1] if last_good else 'none'}; resume from it "
             "with a lower --learning-rate (and/or --max-grad-norm 1.0) via --resume-from-checkpoint"
         )
-    if stopped_reason != "non_finite_loss" and progress.best_step >= 0:
+    if not non_finite and progress.best_step >= 0:
         full_split = tokenized["validation"]
         results["full_validation"] = evaluate_saved_model(
             accelerator,
@@ -733,7 +735,8 @@ def finish_output_folder(output_dir: Path, results: dict, train_args: TrainArgum
     results["val_bits_per_char"] = best.get("val_bits_per_char")  # null for non-char tokenizers
     throughputs = [row["tokens_per_second"] for row in rows if "tokens_per_second" in row]
     results["tokens_per_second"] = sum(throughputs) / len(throughputs) if throughputs else None
-    if results["stopped_reason"] != "non_finite_loss" and train_args.sample_tokens and results["best_step"] >= 0:
+    finite = not results["stopped_reason"].startswith("non_finite")
+    if finite and train_args.sample_tokens and results["best_step"] >= 0:
         results["sample"] = generate_sample(output_dir, train_args)
     plot_loss_curve(rows, output_dir / "loss_curve.png", title=output_dir.name)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
