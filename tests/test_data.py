@@ -381,3 +381,24 @@ def test_block_size_larger_than_a_split_says_how_many_tokens_it_has(tmp_path):
 def test_validation_fraction_out_of_range_is_refused():
     with pytest.raises(UserError, match=r"validation_fraction must be between 0 and 1 \(exclusive\), got 1.5"):
         load_corpus("python-docs", validation_fraction=1.5)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"text": "fine"}', '{"text": 5}'], 'line 2: "text" holds a number, not a string; fix that line'),
+        (['{"text": "fine"}', '{"text": ["a", "b"]}'], 'line 2: "text" holds a list, not a string'),
+        (['{"text": "fine"}', "", '{"text": "torn'], "line 3: not valid JSON (Unterminated string starting at)"),
+        (
+            ['["text", "fine"]'],
+            'line 1: a JSON list, not an object; each line must be an object such as {"text": "..."}',
+        ),
+    ],
+    ids=["number", "list", "broken-line", "not-an-object"],
+)
+def test_broken_json_lines_name_the_file_and_line(tmp_path, lines, message):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as caught:
+        load_corpus(str(source), cache_dir=tmp_path / "cache")
+    assert str(caught.value).startswith(f"{source}, {message}") and "\n" not in str(caught.value)

@@ -196,3 +196,15 @@ def test_empty_prompt_starts_a_new_document(model_dir, capsys):
     output = model.generate(start, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     assert out == tokenizer.decode(output[0, 1:], skip_special_tokens=True) + "\n"
+
+
+def test_prompt_file_with_invalid_utf8_names_the_byte(model_dir, tmp_path, capsys):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_bytes(b"First Citizen:\n\xff\xfe second\n")
+    code = cli_main(["generate", "--model", str(model_dir), "--prompt-file", str(prompt_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (
+        f"error: {prompt_file} is not valid UTF-8 at byte 15: invalid start byte (0xff); re-encode the file as UTF-8, "
+        "e.g. with `iconv -f latin1 -t utf-8`"
+    )

@@ -234,6 +234,8 @@ def _load_files(
             if builder == "json":
                 # pyarrow accepts invalid UTF-8 in JSON strings and fails much later without a file name.
                 check_utf8(file)
+                if file.suffix.lower() == ".jsonl":
+                    check_json_lines(file, text_column)
     data_files = {split: [str(file) for file in files] for split, files in files_per_split.items()}
     loaded = _load_with_datasets(builder, None, streaming=streaming, cache_dir=cache_dir, data_files=data_files)
     return _finish(loaded, text_column, fraction, where)
@@ -407,6 +409,34 @@ def check_utf8(path: Path) -> None:
             offset, pending = offset + consumed, data[consumed:]
     if pending:
         raise _utf8_error(path, offset, "unexpected end of data", pending[0])
+
+
+def check_json_lines(path: Path, text_column: str) -> None:
+    """Every line of a JSON Lines file is a JSON object whose text column, where present, is a string; the first
+    line that is not is a UserError naming the file and the line (pyarrow would fail without either, or turn a
+    number into text)."""
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"{path}, line {number}: not valid JSON ({error.msg}); fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise UserError(
+                    f"{path}, line {number}: a JSON {type(record).__name__}, not an object; each line must be an "
+                    f'object such as {{"{text_column}": "..."}}'
+                )
+            value = record.get(text_column)
+            if value is not None and not isinstance(value, str):
+                kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+                raise UserError(
+                    f'{path}, line {number}: "{text_column}" holds {kind.get(type(value), type(value).__name__)}, not '
+                    "a string; fix that line or pick the text column with --text-column"
+                )
 
 
 def _utf8_error(path: Path, offset: int, reason: str, byte: int) -> UserError:

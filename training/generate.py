@@ -210,6 +210,9 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--prompt-file {path} does not exist: give a text file with one prompt per line")
+    from training.data import check_utf8
+
+    check_utf8(file)  # the byte offset of the first invalid byte, not a UnicodeDecodeError traceback
     prompts = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file {path} holds no prompts: write one prompt per line")
