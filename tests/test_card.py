@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from training.arguments import arguments_from_dict
 from training.card import GENERATED_MARKER, RunFiles, architecture_rows, describe_dataset, write_card
 from training.cli import main as cli_main
+from training.plots import read_metrics
 from training.train import run_training
 
 TINY_RUN = {
@@ -195,3 +196,14 @@ def test_attention_row_names_the_blocks_the_config_gives_attention(tmp_path, att
         f"blocks {', '.join(map(str, indices))} of 0-3 ({len(indices)} of 4"
     )
     assert ("Attention heads" in rows) == bool(indices)
+
+
+def test_a_torn_last_metrics_line_left_by_a_kill_is_ignored(folder):
+    expected = write_card(folder).read_text()
+    metrics = folder / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 999, "train_lo')  # cut off mid-row, no newline
+    assert write_card(folder).read_text() == expected
+    rows = read_metrics(metrics)
+    assert rows[-1]["step"] != 999
+    metrics.write_text(metrics.read_text().rsplit("\n", 1)[0] + '\n{"step": 999, "train_loss": 1.0}')  # whole row
+    assert read_metrics(metrics)[-1] == {"step": 999, "train_loss": 1.0}

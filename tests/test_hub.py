@@ -244,6 +244,7 @@ ERROR_CASES = [
     ),
     ("rejected-token", "error: the Hub rejected your token (", [("GET", "/api/whoami-v2")]),
     ("unreachable", "error: could not reach the Hub at http://127.0.0.1:", []),
+    ("offline", "error: HF_HUB_OFFLINE is set, so huggingface_hub makes no network request and nothing can be", []),
 ]
 
 
@@ -269,6 +270,8 @@ def test_push_errors_are_one_line_and_change_nothing(
         env["HF_TOKEN"] = "hf_not_the_right_token"
     elif case == "unreachable":
         env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    elif case == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
     readme_before = (folder / "README.md").read_bytes()
 
     result = run_cli(["push", str(target), "--repo-id", repo_id], env)

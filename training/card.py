@@ -95,9 +95,9 @@ def read_run(folder: str | os.PathLike) -> RunFiles:
         except yaml.YAMLError as error:
             raise UserError(f"{folder / 'training_args.yaml'} is not valid YAML ({error}); fix or delete it") from None
     if (folder / "metrics.jsonl").is_file():
-        lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        run.eval_history = [record for record in records if "val_loss" in record]
+        from training.plots import read_metrics  # a torn last row (a killed run) is left out there
+
+        run.eval_history = [record for record in read_metrics(folder / "metrics.jsonl") if "val_loss" in record]
     run.has_loss_curve = (folder / "loss_curve.png").is_file()
     return run
 

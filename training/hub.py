@@ -13,6 +13,7 @@ on the Hub.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,6 +159,10 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()[:300]
 
 
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -177,6 +182,11 @@ def push_folder(
     folder = Path(folder)
     validate_hub_repo_id(repo_id)
     select_hub_files(folder)  # every local refusal happens before the network is touched
+    if constants.is_offline_mode() or _true(os.environ.get("HF_HUB_OFFLINE")):
+        raise UserError(
+            "HF_HUB_OFFLINE is set, so huggingface_hub makes no network request and nothing can be pushed; unset it "
+            "(or set HF_HUB_OFFLINE=0) to push"
+        )
     token = token or get_token()
     if not token:
         raise UserError(f"not logged in to the Hugging Face Hub; {LOGIN_HINT}")

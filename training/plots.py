@@ -13,8 +13,18 @@ DPI = 100  # 800 x 500 pixels
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl file. A last line without its newline is what a kill in the middle of a write
+    leaves: it is left out (a resumed run rewrites it)."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""  # "" when the file ends with a newline
+    if torn.strip():
+        try:
+            json.loads(torn)
+        except json.JSONDecodeError:
+            torn = ""  # cut off mid-row
+        lines.append(torn)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_loss_curve(rows: list[dict], path: Path, title: str = "") -> Path:
