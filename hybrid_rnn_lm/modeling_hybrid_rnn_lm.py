@@ -95,8 +95,8 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         cached = _read_recurrent_state(cache, self.layer_idx)
         initial_state = None if cached is None else self._to_torch_state(cached)
 
-        if document_starts is not None:
-            output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
+        if document_starts is not None:  # only without a cache, so from a zero state
+            output, final_state = self._forward_documents(hidden_states, document_starts)
         elif padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
@@ -128,9 +128,9 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             final_state = self._select_rows(empty_rows, previous, final_state)
         return output, final_state
 
-    def _forward_documents(self, hidden_states, document_starts, initial_state):
-        """Packed rows (several documents one after another): every document runs as its own sequence, from a zero
-        state (the first one of a row from `initial_state`), so no state crosses a document boundary."""
+    def _forward_documents(self, hidden_states, document_starts):
+        """Packed rows (several documents one after another, no cache): every document runs as its own sequence
+        from a zero state, so no state crosses a document boundary. Returns each row's state after its last one."""
         batch, length, _ = hidden_states.shape
         starts = document_starts.clone()
         starts[:, 0] = True
@@ -139,29 +139,15 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             edges = starts[row].nonzero().flatten().tolist() + [length]
             segments += [(row, start, end) for start, end in zip(edges, edges[1:])]
         pieces = [hidden_states[row, start:end] for row, start, end in segments]
-        first = [index for index, (_, start, _) in enumerate(segments) if start == 0]  # each row's first document
-        state = None
-        if initial_state is not None:
-            state = self._zeros_like(self._select_segments(initial_state, [0] * len(segments)))
-            state = self._place_rows(state, first, initial_state)
-        packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False), state)
+        packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False))
         padded, _ = pad_packed_sequence(packed_output, batch_first=True)  # (segments, longest, D)
         output = torch.cat([padded[index, : end - start] for index, (_, start, end) in enumerate(segments)])
-        last = [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
-        return output.view(batch, length, -1), self._select_segments(final_state, last)
-
-    def _select_segments(self, state, indices: list[int]):
-        index = torch.tensor(indices, device=(state[0] if self.is_lstm else state).device)
+        last = torch.tensor(
+            [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
+        )
         if self.is_lstm:
-            return tuple(s.index_select(1, index) for s in state)
-        return state.index_select(1, index)
-
-    def _place_rows(self, state, positions: list[int], rows):
-        """`state` (S, segments, H) with the rows' states written at the segment indices `positions`."""
-        index = torch.tensor(positions, device=(rows[0] if self.is_lstm else rows).device)
-        if self.is_lstm:
-            return tuple(s.index_copy(1, index, r) for s, r in zip(state, rows))
-        return state.index_copy(1, index, rows)
+            return output.view(batch, length, -1), tuple(state.index_select(1, last) for state in final_state)
+        return output.view(batch, length, -1), final_state.index_select(1, last)
 
     def _to_cache_state(self, state) -> torch.Tensor:
         if self.is_lstm:
