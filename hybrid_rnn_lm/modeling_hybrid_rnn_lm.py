@@ -142,9 +142,8 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False))
         padded, _ = pad_packed_sequence(packed_output, batch_first=True)  # (segments, longest, D)
         output = torch.cat([padded[index, : end - start] for index, (_, start, end) in enumerate(segments)])
-        last = torch.tensor(
-            [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
-        )
+        last = [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
+        last = torch.tensor(last, device=hidden_states.device)  # each row's last document
         if self.is_lstm:
             return output.view(batch, length, -1), tuple(state.index_select(1, last) for state in final_state)
         return output.view(batch, length, -1), final_state.index_select(1, last)
