@@ -265,14 +265,16 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         )
     if not non_finite and progress.best_step >= 0:
         full_split = tokenized["validation"]
-        results["full_validation"] = evaluate_saved_model(
-            accelerator,
-            output_dir,
-            DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate),
-            metric,
-            characters_per_token,
-        )
-        results["full_validation"]["blocks"] = len(full_split)
+        # Periodic evaluations that saw only part of the split: score the best model on all of it. Otherwise the best
+        # evaluation already covered the whole split, and finish_output_folder copies its numbers.
+        full = {}
+        if (
+            train_args.eval_batches
+            and train_args.eval_batches * train_args.batch_size * accelerator.num_processes < len(full_split)
+        ):
+            loader = DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate)
+            full = evaluate_saved_model(accelerator, output_dir, loader, metric, characters_per_token)
+        results["full_validation"] = {**full, "blocks": len(full_split)}
     if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
         finish_output_folder(output_dir, results, train_args)
     accelerator.wait_for_everyone()
@@ -733,6 +735,14 @@ def finish_output_folder(output_dir: Path, results: dict, train_args: TrainArgum
     results["val_perplexity"] = best.get("val_perplexity")
     results["val_bits_per_token"] = best.get("val_bits_per_token")
     results["val_bits_per_char"] = best.get("val_bits_per_char")  # null for non-char tokenizers
+    full = results.get("full_validation")
+    if full is not None and "loss" not in full:  # the best evaluation was already on the whole split
+        full.update(
+            loss=best["val_loss"],
+            perplexity=best["val_perplexity"],
+            bits_per_token=best["val_bits_per_token"],
+            bits_per_character=best.get("val_bits_per_char"),
+        )
     throughputs = [row["tokens_per_second"] for row in rows if "tokens_per_second" in row]
     results["tokens_per_second"] = sum(throughputs) / len(throughputs) if throughputs else None
     finite = not results["stopped_reason"].startswith("non_finite")
