@@ -176,3 +176,81 @@ def test_a_pickle_beside_safetensors_weights_is_never_loaded(tmp_path, capsys):
     code, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "3")
     assert code == 0
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Broken model folders
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _break(folder: Path, how: str) -> str:
+    """Damages a saved model folder as `how` says; returns the start of the error line expected."""
+    config_file = folder / "config.json"
+    weights = folder / "model.safetensors"
+    if how == "no-config":
+        config_file.unlink()
+        return f"error: {folder} is not a saved model (no config.json there)"
+    if how == "invalid-config":
+        config_file.write_text('{"model_type": "hybrid_rnn_lm",')
+        return f"error: {config_file} is not valid JSON"
+    config = json.loads(config_file.read_text())
+    if how == "other-model-type":
+        config_file.write_text(json.dumps({"model_type": "bert", "vocab_size": 30}))
+        return f"error: {config_file} describes a 'bert' model; these commands read hybrid_rnn_lm models"
+    if how == "remote-code":
+        config["auto_map"]["AutoModelForCausalLM"] = "someone/repo--evil.Model"
+        config_file.write_text(json.dumps(config))
+        return f"error: {config_file}: auto_map points to code this package does not ship (someone/repo--evil.Model)"
+    if how == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        return f"error: {weights} is truncated ("
+    if how == "corrupt-weights":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + weights.read_bytes()[24:])
+        return f"error: {weights} is corrupt ("
+    if how == "shape-mismatch":
+        config["intermediate_size"] = 2 * config["intermediate_size"]
+        config_file.write_text(json.dumps(config))
+        return f"error: {folder}: the weights do not fit config.json ("
+    if how == "tokenizer-too-large":
+        from training.tokenization import build_tokenizer
+
+        build_tokenizer("char", ["".join(map(chr, range(33, 400)))]).save_pretrained(folder)
+        return f"error: {folder}: the tokenizer has "
+    raise AssertionError(how)
+
+
+BROKEN = [
+    "no-config",
+    "invalid-config",
+    "other-model-type",
+    "remote-code",
+    "truncated-weights",
+    "corrupt-weights",
+    "shape-mismatch",
+    "tokenizer-too-large",
+]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("how", BROKEN)
+def test_broken_model_folders_are_one_line_errors_that_write_nothing(tmp_path, capsys, how, command):
+    folder = save_tiny_model(tmp_path / "model")
+    expected = _break(folder, how)
+    before = snapshot(tmp_path)
+    arguments = {
+        "generate": ["generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
+        "eval": ["eval", "--model", str(folder), "--dataset", "python-docs", "--output", str(tmp_path / "e.json")],
+    }[command]
+    code, err = run_cli(capsys, *arguments)
+    assert code == 2, err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(expected), line
+    assert "Traceback" not in err and snapshot(tmp_path) == before
+
+
+def test_an_unfinished_run_folder_loads_with_a_warning(tmp_path, capsys, caplog):
+    folder = save_tiny_model(tmp_path / "model")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n')
+    code, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2")
+    assert code == 0
+    assert any("unfinished training run (no results.json)" in record.getMessage() for record in caplog.records)

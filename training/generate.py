@@ -10,6 +10,7 @@ This module also holds what the other commands that read a saved model share: `l
 """
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -45,17 +46,75 @@ def parse_command(argument_class: type, argv: list[str], prog: str, description:
     return arguments
 
 
+SUPPORTED_MODEL_TYPES = ("hybrid_rnn_lm", "gpt2")  # this package's model, and the GPT-2 baseline it trains
+OWN_CODE_FILES = ("configuration_hybrid_rnn_lm", "modeling_hybrid_rnn_lm")
+
+
 def check_model_folder(path: str | Path) -> Path:
+    """A folder these commands can load: its config, its weights and their header are checked, one line for each
+    problem, before any weight is read. Code named by the folder's auto_map is never run."""
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise UserError(
             f"{folder} is not a saved model (no config.json there): pass an output folder of `hybrid-lm train` "
             "or a folder written by save_pretrained"
         )
-    weight_files(folder)  # safetensors, or a one-line refusal (pickles are never loaded)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{config_file} is not valid JSON ({error}); restore it or save the model again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{config_file} describes a {model_type!r} model; these commands read hybrid_rnn_lm models and the gpt2 "
+            "baselines `hybrid-lm train` writes: pass such a folder"
+        )
+    foreign = sorted(
+        str(target)
+        for target in (config.get("auto_map") or {}).values()
+        if str(target).rsplit("--", 1)[-1].split(".")[0] not in OWN_CODE_FILES
+    )
+    if foreign:
+        raise UserError(
+            f"{config_file}: auto_map points to code this package does not ship ({', '.join(foreign)}); code from a "
+            "model folder is never run: remove those auto_map entries or save the model again"
+        )
+    for name in weight_files(folder):  # safetensors, or a one-line refusal (pickles are never loaded)
+        if name.endswith(".safetensors"):
+            _check_safetensors_header(folder / name)
+    if (folder / "metrics.jsonl").is_file() and not (folder / "results.json").is_file():
+        logger.warning(
+            "%s is the folder of an unfinished training run (no results.json): the weights are its best model so "
+            "far, not the end of training",
+            folder,
+        )
     import hybrid_rnn_lm  # noqa: F401  (registers the model with the Auto classes)
 
     return folder
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A truncated or corrupt file fails here with its name, not deep inside loading: the header must parse and
+    promise no more bytes than the file has."""
+    from safetensors import safe_open
+
+    try:
+        with open(path, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            header = json.loads(stream.read(length))
+        end = 8 + length + max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise UserError(
+            f"{path} is corrupt (its header is not readable: {_first_line(error)}); save the model again"
+        ) from None
+    if path.stat().st_size < end:
+        raise UserError(f"{path} is truncated ({path.stat().st_size:,} of {end:,} bytes); save the model again")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own SafetensorError for every other malformed file
+        raise UserError(f"{path} is corrupt ({_first_line(error)}); save the model again") from None
 
 
 def load_model_and_tokenizer(
@@ -74,13 +133,21 @@ def load_model_and_tokenizer(
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
     try:
         model = model_class.from_pretrained(folder, use_safetensors=True, **model_kwargs)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{folder}: the model could not be loaded ({_first_line(error)}); check the folder") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(
+            f"{folder}: the weights do not fit config.json ({_first_line(error)}); save the model again"
+        ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
         if bars:
             transformers_logging.enable_progress_bar()
-    return model.eval(), build_tokenizer(str(folder))
+    tokenizer = build_tokenizer(str(folder))
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(
+            f"{folder}: the tokenizer has {len(tokenizer):,} tokens, more than the model's vocab_size "
+            f"{model.config.vocab_size:,}; save the tokenizer the model was trained with (or resize the embeddings)"
+        )
+    return model.eval(), tokenizer
 
 
 def _first_line(error: BaseException) -> str:
