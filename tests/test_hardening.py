@@ -254,3 +254,49 @@ def test_an_unfinished_run_folder_loads_with_a_warning(tmp_path, capsys, caplog)
     code, _ = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2")
     assert code == 0
     assert any("unfinished training run (no results.json)" in record.getMessage() for record in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Broken checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "corrupt-optimizer", "missing-optimizer"])
+def test_a_broken_latest_checkpoint_names_the_previous_one_and_changes_nothing(tmp_path, capsys, damage):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=4, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    latest = list_checkpoints(folder)[-1]
+    if damage == "truncated-weights":
+        weights = latest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        reason = f"{weights} is truncated ("
+    elif damage == "corrupt-optimizer":
+        optimizer = latest / "optimizer.bin"
+        optimizer.write_bytes(optimizer.read_bytes()[: len(optimizer.read_bytes()) // 2])
+        reason = f"{optimizer} is truncated or corrupt"
+    else:
+        (latest / "optimizer.bin").unlink()
+        reason = f"{latest / 'optimizer.bin'} is missing"
+    before = snapshot(folder)
+    code, err = run_cli(
+        capsys, "train", str(folder / "training_args.yaml"), "--max-steps", "6", "--resume-from-checkpoint", "latest"
+    )
+    assert code == 2
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"error: checkpoint {latest} cannot be resumed: {reason}")
+    assert line.endswith(
+        f"resume from the previous checkpoint with --resume-from-checkpoint {folder / 'checkpoints' / 'checkpoint-2'}"
+    )
+    assert snapshot(folder) == before
+
+
+def test_a_checkpoint_without_rng_state_resumes_with_a_warning(tmp_path, caplog):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=4, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    for state in list_checkpoints(folder)[-1].glob("random_states_*.pkl"):
+        state.unlink()
+    resumed = run_training(*arguments_from_dict({**options, "max_steps": 6, "resume_from_checkpoint": "latest"}))
+    assert resumed["steps"] == 6
+    assert any("has no random_states_*.pkl" in record.getMessage() for record in caplog.records)

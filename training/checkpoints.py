@@ -6,14 +6,19 @@ killed mid-save never leaves a `checkpoint-<step>` that `latest` would pick up h
 """
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from training.errors import UserError
+from training.model_files import check_safetensors
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS_FOLDER = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -112,6 +117,38 @@ def read_progress(checkpoint: Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{path} is not a loop state (no step); resume from an earlier checkpoint")
     return state
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """The weights and optimizer state a resume reads, checked before anything is loaded (and without unpickling):
+    a truncated or corrupt file is a UserError naming it and the previous checkpoint to resume from instead. A
+    missing RNG state is only a warning: the run resumes, but not bit for bit."""
+    try:
+        check_safetensors(checkpoint / _REQUIRED_FILE)
+        optimizer = checkpoint / "optimizer.bin"
+        if not optimizer.is_file():
+            raise UserError(f"{optimizer} is missing")
+        if not zipfile.is_zipfile(optimizer):
+            raise UserError(f"{optimizer} is truncated or corrupt")
+        with zipfile.ZipFile(optimizer) as archive:
+            if archive.testzip() is not None:  # CRC of every member, read as bytes: nothing is unpickled
+                raise UserError(f"{optimizer} is corrupt")
+    except (UserError, zipfile.BadZipFile, OSError) as error:
+        step = checkpoint_step(checkpoint)
+        earlier = [path for path in list_checkpoints(checkpoint.parent.parent) if checkpoint_step(path) < step]
+        hint = (
+            f"resume from the previous checkpoint with --resume-from-checkpoint {earlier[-1]}"
+            if earlier
+            else "no earlier checkpoint exists: start the run again"
+        )
+        reason = str(error).split("; save the model again")[0]
+        raise UserError(f"checkpoint {checkpoint} cannot be resumed: {reason}; {hint}") from None
+    if not list(checkpoint.glob("random_states_*.pkl")):
+        logger.warning(
+            "%s has no random_states_*.pkl (the random number generators' state): the resumed run continues, but "
+            "its dropout masks and sampling will differ from an uninterrupted run",
+            checkpoint,
+        )
 
 
 def remove_checkpoints_after(output_dir: str | os.PathLike, step: int) -> list[Path]:

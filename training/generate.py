@@ -22,7 +22,7 @@ from transformers import logging as transformers_logging
 
 from training.arguments import CommandParser, arg
 from training.errors import UserError
-from training.model_files import weight_files
+from training.model_files import check_safetensors, weight_files
 from training.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def check_model_folder(path: str | Path) -> Path:
         )
     for name in weight_files(folder):  # safetensors, or a one-line refusal (pickles are never loaded)
         if name.endswith(".safetensors"):
-            _check_safetensors_header(folder / name)
+            check_safetensors(folder / name)
     if (folder / "metrics.jsonl").is_file() and not (folder / "results.json").is_file():
         logger.warning(
             "%s is the folder of an unfinished training run (no results.json): the weights are its best model so "
@@ -92,29 +92,6 @@ def check_model_folder(path: str | Path) -> Path:
     import hybrid_rnn_lm  # noqa: F401  (registers the model with the Auto classes)
 
     return folder
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """A truncated or corrupt file fails here with its name, not deep inside loading: the header must parse and
-    promise no more bytes than the file has."""
-    from safetensors import safe_open
-
-    try:
-        with open(path, "rb") as stream:
-            length = int.from_bytes(stream.read(8), "little")
-            header = json.loads(stream.read(length))
-        end = 8 + length + max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise UserError(
-            f"{path} is corrupt (its header is not readable: {_first_line(error)}); save the model again"
-        ) from None
-    if path.stat().st_size < end:
-        raise UserError(f"{path} is truncated ({path.stat().st_size:,} of {end:,} bytes); save the model again")
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as error:  # safetensors raises its own SafetensorError for every other malformed file
-        raise UserError(f"{path} is corrupt ({_first_line(error)}); save the model again") from None
 
 
 def load_model_and_tokenizer(

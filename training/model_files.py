@@ -28,3 +28,31 @@ def weight_files(folder: Path, refusal: str = "never loaded") -> list[str]:
             f"a pickle can run arbitrary code; re-save the model as safetensors with `model.save_pretrained(folder)`"
         )
     raise UserError(f"{folder} has no {WEIGHTS_FILE}; pass the output folder of `hybrid-lm train`")
+
+
+def check_safetensors(path: Path) -> None:
+    """A truncated or corrupt file fails here with its name, not deep inside loading: the header must parse and
+    promise no more bytes than the file has."""
+    from safetensors import safe_open
+
+    try:
+        with open(path, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            header = json.loads(stream.read(length))
+        end = 8 + length + max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise UserError(
+            f"{path} is corrupt (its header is not readable: {_first_line(error)}); save the model again"
+        ) from None
+    if path.stat().st_size < end:
+        raise UserError(f"{path} is truncated ({path.stat().st_size:,} of {end:,} bytes); save the model again")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own SafetensorError for every other malformed file
+        raise UserError(f"{path} is corrupt ({_first_line(error)}); save the model again") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

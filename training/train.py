@@ -47,6 +47,7 @@ from training.arguments import (
     write_arguments_yaml,
 )
 from training.checkpoints import (
+    check_checkpoint_files,
     checkpoint_step,
     list_checkpoints,
     read_progress,
@@ -374,6 +375,7 @@ def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         read_progress(checkpoint)  # a missing or broken loop state fails here, before anything is written
+        check_checkpoint_files(checkpoint)
         return checkpoint
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
