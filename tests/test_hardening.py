@@ -300,3 +300,46 @@ def test_a_checkpoint_without_rng_state_resumes_with_a_warning(tmp_path, caplog)
     resumed = run_training(*arguments_from_dict({**options, "max_steps": 6, "resume_from_checkpoint": "latest"}))
     assert resumed["steps"] == 6
     assert any("has no random_states_*.pkl" in record.getMessage() for record in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resume with changed options
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "listed"),
+    [
+        (["--block-size", "16"], "block_size 32 -> 16"),
+        (["--batch-size", "8"], "batch_size 4 -> 8"),
+        (["--rnn-type", "lstm"], "rnn_type 'gru' -> 'lstm'"),
+        (["--dataset", "other.txt"], "dataset 'python-docs' -> 'other.txt'"),
+        (["--seed", "7"], "seed 1337 -> 7"),
+    ],
+    ids=["block-size", "batch-size", "model", "data", "seed"],
+)
+def test_resume_refuses_options_that_shape_the_run(finished_run, tmp_path, capsys, flags, listed):
+    folder, _ = finished_run
+    (tmp_path / "other.txt").write_text("some other text " * 200)
+    before = snapshot(folder)
+    code, err = run_cli(
+        capsys, "train", str(folder / "training_args.yaml"), "--resume-from-checkpoint", "latest", *flags
+    )
+    assert code == 2
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"error: --resume-from-checkpoint: {listed} would change the run being resumed")
+    assert snapshot(folder) == before
+
+
+def test_resume_allows_and_records_steps_cadence_and_learning_rate_changes(tmp_path):
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=4, eval_steps=2, checkpoint_steps=2)
+    run_training(*arguments_from_dict(options))
+    changed = {"max_steps": 6, "eval_steps": 3, "learning_rate": 1e-3}
+    results = run_training(*arguments_from_dict({**options, **changed, "resume_from_checkpoint": "latest"}))
+    assert results["steps"] == 6
+    assert results["resumes"] == [
+        {"step": 4, "changed": {"learning_rate": [0.003, 0.001], "max_steps": [4, 6], "eval_steps": [2, 3]}}
+    ]
+    saved = (folder / "training_args.yaml").read_text()
+    assert "max_steps: 6" in saved and "eval_steps: 3" in saved  # the arguments of what ran last

@@ -33,6 +33,7 @@ class TrainingProgress:
     evals_without_improvement: int = 0
     train_seconds: float = 0.0  # wall time inside training steps, evaluations and checkpoints excluded
     unlogged_losses: list[float] = field(default_factory=list)  # steps since the last log line
+    resumes: list[dict] = field(default_factory=list)  # {"step", "changed": {option: [before, after]}} per resume
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

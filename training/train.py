@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import (
@@ -42,6 +43,7 @@ from training.arguments import (
     DataArguments,
     ModelArguments,
     TrainArguments,
+    arguments_to_dict,
     parse_arguments,
     parse_attention_layers,
     write_arguments_yaml,
@@ -170,6 +172,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     build_model_config(model_args, vocab_size=256, block_size=data_args.block_size)
     accelerator, output_dir = build_accelerator(train_args)
     resume_from = check_output_dir(output_dir, train_args)
+    resume_changes = check_resume_options(output_dir, model_args, data_args, train_args) if resume_from else {}
     set_seed(train_args.seed)
     tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
@@ -187,6 +190,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     progress = TrainingProgress()
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, output_dir, progress)
+        progress.resumes.append({"step": progress.step, "changed": resume_changes})
 
     max_steps = resolve_max_steps(train_args, len(train_dataloader))
     tokens_per_step = (
@@ -253,6 +257,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         "num_threads": torch.get_num_threads(),  # per process
         "steps": progress.step,
         "train_seconds": progress.train_seconds,
+        "resumes": progress.resumes,  # each resume's step and the options it changed: {option: [before, after]}
         "stopped_reason": stopped_reason,
     }
     non_finite = stopped_reason.startswith("non_finite")
@@ -393,6 +398,49 @@ def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
             "deleted: move them elsewhere or choose another --output-dir"
         )
     return None
+
+
+# Options that shape the run: a resume that changed them would not continue the same training.
+RUN_SHAPING_OPTIONS = (
+    *(f.name for f in dataclasses.fields(ModelArguments)),
+    "dataset",
+    "dataset_config",
+    "text_column",
+    "validation_fraction",
+    "tokenizer",
+    "vocab_size",
+    "block_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "mixed_precision",
+)
+# What a resume never records as a change: where the run is and how it was started.
+RESUME_BOOKKEEPING = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
+
+
+def check_resume_options(output_dir: Path, model_args, data_args, train_args) -> dict:
+    """The options a resume changes against the run's training_args.yaml, {option: [before, after]}. Options that
+    shape the run (model, data, tokenizer, block and batch size, seed) are refused; the others (steps, time budget,
+    evaluation and checkpoint cadence, learning rate, ...) are allowed and recorded in results.json."""
+    saved_file = output_dir / "training_args.yaml"
+    if not saved_file.is_file():
+        return {}
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    current = arguments_to_dict(model_args, data_args, train_args)
+    changes = {
+        name: [saved[name], value]
+        for name, value in current.items()
+        if name in saved and saved[name] != value and name not in RESUME_BOOKKEEPING
+    }
+    refused = [name for name in changes if name in RUN_SHAPING_OPTIONS]
+    if refused:
+        listed = ", ".join(f"{name} {changes[name][0]!r} -> {changes[name][1]!r}" for name in refused)
+        raise UserError(
+            f"--resume-from-checkpoint: {listed} would change the run being resumed; resume with the options it was "
+            f"trained with (`hybrid-lm train {saved_file} --resume-from-checkpoint latest`) or start a new run"
+        )
+    return changes
 
 
 def _output_dir_contents(output_dir: Path) -> tuple[list[Path], list[Path]]:
