@@ -343,3 +343,51 @@ def test_resume_allows_and_records_steps_cadence_and_learning_rate_changes(tmp_p
     ]
     saved = (folder / "training_args.yaml").read_text()
     assert "max_steps: 6" in saved and "eval_steps: 3" in saved  # the arguments of what ran last
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Unwritable paths, full disks
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_dir_below_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(capsys, "train", "--output-dir", str(tmp_path / "afile" / "run"), "--max-steps", "2")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: --output-dir {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, not a folder; "
+        "choose another --output-dir"
+    )
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_files(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors.torch import load_file
+
+    import training.train
+
+    folder = tmp_path / "out"
+    options = tiny_options(folder, max_steps=8, eval_steps=2, checkpoint_steps=2)
+    original, saves = training.train.save_checkpoint, []
+
+    def save_until_the_disk_is_full(accelerator, output_dir, step, *args):
+        saves.append(step)
+        if step == 4:
+            raise OSError(
+                errno.ENOSPC, "No space left on device", str(output_dir / "checkpoints" / ".tmp-checkpoint-4")
+            )
+        return original(accelerator, output_dir, step, *args)
+
+    monkeypatch.setattr(training.train, "save_checkpoint", save_until_the_disk_is_full)
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    code, err = run_cli(capsys, "train", *flags)
+    assert code == 1
+    [line] = [line for line in err.splitlines() if line.startswith("error")]  # on its own line, after the bar
+    assert line.startswith(
+        f"error: cannot write {folder / 'checkpoints' / '.tmp-checkpoint-4'}: no space left on device"
+    )
+    assert "Traceback" not in err
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
+    load_file(folder / "checkpoints" / "checkpoint-2" / "model.safetensors")  # complete and readable
+    load_file(folder / "model.safetensors")  # the best model so far

@@ -5,9 +5,22 @@ lazily so that `hybrid-lm --help` stays fast and a missing optional dependency o
 subcommand.
 """
 
+import errno
 import importlib
 import os
 import sys
+
+# Errors of the file system rather than of the program: one line naming the path and the cause, no traceback.
+WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+}
 
 SUBCOMMANDS = {
     "train": ("training.train", "train a model (flags or one YAML file)"),
@@ -56,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # disk full, read-only or unwritable path, a file where a folder should be
+        if debug or error.errno not in WRITE_ERRNOS:
+            raise
+        path = error.filename if error.filename is not None else "a file"
+        print(
+            f"error: cannot write {path}: {error.strerror.lower()}; free space or pick a writable path (files "
+            "written before, earlier checkpoints and the best model included, are complete)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -72,127 +72,128 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
     start_step = progress.step
     budget_seconds = None if args.max_train_minutes is None else 60.0 * args.max_train_minutes
     window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
-    bar = tqdm(
+    with tqdm(
         total=None if max_steps == UNBOUNDED_STEPS else max_steps,
         initial=start_step,
         desc="training",
         unit="step",
         disable=not accelerator.is_main_process,
-    )
-    while True:
-        step = progress.step
-        # Under a time budget the main process's clock decides, so that every process stops at the same step and
-        # follows the same learning rate.
-        train_seconds = progress.train_seconds
-        if budget_seconds is not None:
-            train_seconds = _main_process_value(accelerator, train_seconds)
-        at_end = step >= max_steps or (budget_seconds is not None and train_seconds >= budget_seconds)
-        # 1. Learning rate: a function of the step only (and of the time spent, under a time budget), so a resumed
-        #    run follows the same schedule.
-        position = schedule_position(step, train_seconds, budget_seconds, max_steps, args.warmup_steps)
-        lr = args.learning_rate * parts.lr_multiplier(position)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    ) as bar:  # closed on any exit, so that an error message starts its own line
+        while True:
+            step = progress.step
+            # Under a time budget the main process's clock decides, so that every process stops at the same step and
+            # follows the same learning rate.
+            train_seconds = progress.train_seconds
+            if budget_seconds is not None:
+                train_seconds = _main_process_value(accelerator, train_seconds)
+            at_end = step >= max_steps or (budget_seconds is not None and train_seconds >= budget_seconds)
+            # 1. Learning rate: a function of the step only (and of the time spent, under a time budget), so a resumed
+            #    run follows the same schedule.
+            position = schedule_position(step, train_seconds, budget_seconds, max_steps, args.warmup_steps)
+            lr = args.learning_rate * parts.lr_multiplier(position)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # 2. Evaluate, keep the best model, stop or checkpoint. A resumed run does not redo what its checkpoint holds.
-        stop_reason = None
-        if not (parts.resumed and step == start_step):
-            if step % args.eval_steps == 0 or at_end:
-                metrics = parts.evaluate()
+            # 2. Evaluate, keep the best model, stop or checkpoint. A resumed run does not redo what its checkpoint holds.
+            stop_reason = None
+            if not (parts.resumed and step == start_step):
+                if step % args.eval_steps == 0 or at_end:
+                    metrics = parts.evaluate()
+                    parts.log(
+                        {
+                            "step": step,
+                            "tokens_seen": progress.tokens_seen,
+                            "train_seconds": progress.train_seconds,
+                            **metrics,
+                        }
+                    )
+                    if not math.isfinite(metrics["val_loss"]):  # no best model, no checkpoint from these weights
+                        parts.non_finite = f"the validation loss is {metrics['val_loss']}"
+                        stop_reason = "non_finite_evaluation"
+                        break
+                    if metrics["val_loss"] < progress.best_val_loss:
+                        progress.best_val_loss, progress.best_step = metrics["val_loss"], step
+                        progress.evals_without_improvement = 0
+                        parts.save_best_model()
+                    else:
+                        progress.evals_without_improvement += 1
+                    patience = args.early_stopping_patience
+                    if patience is not None and progress.evals_without_improvement >= patience:
+                        stop_reason = "early_stopping"
+                if at_end:
+                    stop_reason = "max_steps" if step >= max_steps else "time_budget"
+                if stop_reason or (args.checkpoint_steps and step > 0 and step % args.checkpoint_steps == 0):
+                    if not _weights_are_finite(model):
+                        parts.non_finite = "the weights are not finite after the last optimizer step"
+                        stop_reason = "non_finite_weights"
+                        break
+                    parts.save_checkpoint(step)
+            elif at_end:
+                stop_reason = "max_steps" if step >= max_steps else "time_budget"
+            if stop_reason:
+                break
+            if parts.stop_requested():
+                if step != start_step or not parts.resumed:
+                    parts.save_checkpoint(step)
+                stop_reason = "interrupted"
+                break
+
+            # 3. Forward/backward over the micro-batches; accelerate all-reduces gradients on the last one only.
+            step_started = time.perf_counter()
+            model.train()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(args.gradient_accumulation_steps):
+                input_ids = next(batches)["input_ids"]
+                if parts.on_batch is not None:
+                    parts.on_batch(step, input_ids)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    accelerator.backward(loss)  # divided by the accumulation steps inside
+                step_loss += loss.detach() / args.gradient_accumulation_steps
+            step_loss = accelerator.reduce(step_loss, reduction="mean")
+
+            # 4. Clip; a non-finite loss or gradient stops before the optimizer can spread it into the weights.
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
+            )
+            parts.last_loss = step_loss.item()
+            if not math.isfinite(parts.last_loss):
+                parts.non_finite, stop_reason = f"the loss is {parts.last_loss}", "non_finite_loss"
+            elif grad_norm is not None and not torch.isfinite(grad_norm):
+                parts.non_finite, stop_reason = f"the gradient norm is {grad_norm.item()}", "non_finite_gradient"
+            if stop_reason:
+                optimizer.zero_grad(set_to_none=True)
+                break
+
+            # 5. Step.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens_seen += parts.tokens_per_step
+            step_seconds = time.perf_counter() - step_started
+            progress.train_seconds += step_seconds
+            window_seconds += step_seconds
+
+            # 6. Log: mean loss and throughput over the steps since the last log line.
+            losses = progress.unlogged_losses
+            losses.append(parts.last_loss)
+            if progress.step % args.log_steps == 0 or progress.step == max_steps:
+                tokens_per_second = len(losses) * parts.tokens_per_step / max(window_seconds, 1e-9)
+                train_loss = sum(losses) / len(losses)
                 parts.log(
                     {
-                        "step": step,
+                        "step": progress.step,
                         "tokens_seen": progress.tokens_seen,
                         "train_seconds": progress.train_seconds,
-                        **metrics,
+                        "lr": lr,
+                        "train_loss": train_loss,
+                        "tokens_per_second": tokens_per_second,
                     }
                 )
-                if not math.isfinite(metrics["val_loss"]):  # no best model, no checkpoint from these weights
-                    parts.non_finite = f"the validation loss is {metrics['val_loss']}"
-                    stop_reason = "non_finite_evaluation"
-                    break
-                if metrics["val_loss"] < progress.best_val_loss:
-                    progress.best_val_loss, progress.best_step = metrics["val_loss"], step
-                    progress.evals_without_improvement = 0
-                    parts.save_best_model()
-                else:
-                    progress.evals_without_improvement += 1
-                patience = args.early_stopping_patience
-                if patience is not None and progress.evals_without_improvement >= patience:
-                    stop_reason = "early_stopping"
-            if at_end:
-                stop_reason = "max_steps" if step >= max_steps else "time_budget"
-            if stop_reason or (args.checkpoint_steps and step > 0 and step % args.checkpoint_steps == 0):
-                if not _weights_are_finite(model):
-                    parts.non_finite = "the weights are not finite after the last optimizer step"
-                    stop_reason = "non_finite_weights"
-                    break
-                parts.save_checkpoint(step)
-        elif at_end:
-            stop_reason = "max_steps" if step >= max_steps else "time_budget"
-        if stop_reason:
-            break
-        if parts.stop_requested():
-            if step != start_step or not parts.resumed:
-                parts.save_checkpoint(step)
-            stop_reason = "interrupted"
-            break
-
-        # 3. Forward/backward over the micro-batches; accelerate all-reduces gradients on the last one only.
-        step_started = time.perf_counter()
-        model.train()
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(args.gradient_accumulation_steps):
-            input_ids = next(batches)["input_ids"]
-            if parts.on_batch is not None:
-                parts.on_batch(step, input_ids)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=input_ids, labels=input_ids).loss
-                accelerator.backward(loss)  # divided by the accumulation steps inside
-            step_loss += loss.detach() / args.gradient_accumulation_steps
-        step_loss = accelerator.reduce(step_loss, reduction="mean")
-
-        # 4. Clip; a non-finite loss or gradient stops before the optimizer can spread it into the weights.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
-        parts.last_loss = step_loss.item()
-        if not math.isfinite(parts.last_loss):
-            parts.non_finite, stop_reason = f"the loss is {parts.last_loss}", "non_finite_loss"
-        elif grad_norm is not None and not torch.isfinite(grad_norm):
-            parts.non_finite, stop_reason = f"the gradient norm is {grad_norm.item()}", "non_finite_gradient"
-        if stop_reason:
-            optimizer.zero_grad(set_to_none=True)
-            break
-
-        # 5. Step.
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.tokens_seen += parts.tokens_per_step
-        step_seconds = time.perf_counter() - step_started
-        progress.train_seconds += step_seconds
-        window_seconds += step_seconds
-
-        # 6. Log: mean loss and throughput over the steps since the last log line.
-        losses = progress.unlogged_losses
-        losses.append(parts.last_loss)
-        if progress.step % args.log_steps == 0 or progress.step == max_steps:
-            tokens_per_second = len(losses) * parts.tokens_per_step / max(window_seconds, 1e-9)
-            train_loss = sum(losses) / len(losses)
-            parts.log(
-                {
-                    "step": progress.step,
-                    "tokens_seen": progress.tokens_seen,
-                    "train_seconds": progress.train_seconds,
-                    "lr": lr,
-                    "train_loss": train_loss,
-                    "tokens_per_second": tokens_per_second,
-                }
-            )
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-            losses.clear()
-            window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
-        bar.update(1)
-    bar.close()
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+                losses.clear()
+                window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
+            bar.update(1)
     return stop_reason
 
 

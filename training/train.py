@@ -384,6 +384,9 @@ def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
         return checkpoint
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--output-dir {output_dir}: {blocking} is a file, not a folder; choose another --output-dir")
     ours, others = _output_dir_contents(output_dir)
     has_run = any(path.name in (*RUN_FILES, "checkpoints") for path in ours)
     if has_run and not args.overwrite_output_dir:
