@@ -100,6 +100,10 @@ BAD_ARGUMENTS = {
     "missing-dataset": (["--dataset", "missing/corpus.txt"], "does not exist"),
     "missing-tokenizer": (["--tokenizer", "no-such-tokenizer"], "unknown tokenizer 'no-such-tokenizer'"),
     "missing-model-config": (["--model-config", "nowhere"], "no config.json there"),
+    "model-too-large": (
+        ["--hidden-size", "65536", "--num-hidden-layers", "4"],
+        "parameters, whose training state needs about 4673.3 GB, more than the",
+    ),
     "learning-rate-nan": (["--learning-rate", "nan"], "option learning_rate must be a finite number, got nan"),
     "time-budget-inf": (["--max-train-minutes", "inf"], "option max_train_minutes must be a finite number, got inf"),
     "seed-out-of-range": (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),

@@ -169,7 +169,7 @@ def run_training(
 def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     started = time.perf_counter()
     # Everything that can reject the input runs before the first file is written.
-    build_model_config(model_args, vocab_size=256, block_size=data_args.block_size)
+    check_model_fits(build_model_config(model_args, vocab_size=256, block_size=data_args.block_size), train_args)
     accelerator, output_dir = build_accelerator(train_args)
     resume_from = check_output_dir(output_dir, train_args)
     resume_changes = check_resume_options(output_dir, model_args, data_args, train_args) if resume_from else {}
@@ -575,6 +575,22 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     }
     config = build_model_config(model_args, len(tokenizer), block_size, **special)
     return AutoModelForCausalLM.from_config(config)
+
+
+def check_model_fits(config, args: TrainArguments) -> None:
+    """A model whose training state cannot fit in memory is refused in one line, before anything is allocated."""
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    needed = parameters * 4 * 4  # float32 weights, gradients and AdamW's two moments
+    available = psutil.virtual_memory().available if not torch.cuda.is_available() else None
+    if available is not None and needed > available:
+        raise UserError(
+            f"the model has {parameters:,} parameters, whose training state needs about {needed / 1e9:.1f} GB, more "
+            f"than the {available / 1e9:.1f} GB of memory available; lower --hidden-size or --num-hidden-layers"
+        )
 
 
 def build_model_config(model_args: ModelArguments, vocab_size: int, block_size: int, **special_tokens):
