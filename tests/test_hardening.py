@@ -148,6 +148,7 @@ def test_model_folders_with_only_pickled_weights_are_refused_and_never_loaded(tm
         "generate": ["generate", "--model", str(folder), "--prompt", "a"],
         "eval": ["eval", "--model", str(folder), "--dataset", "python-docs"],
         "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(tmp_path / "inspect")],
+        "card": ["card", str(folder)],
         "finetune-classify": [
             "finetune-classify",
             "--model",
@@ -231,19 +232,37 @@ BROKEN = [
 ]
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-@pytest.mark.parametrize("how", BROKEN)
+# card reads no weights and no tokenizer (shapes and vocabulary are not its concern) and reports a missing or
+# invalid config.json itself (test_card.py): it checks the model type, auto_map and the weight files.
+CARD_CHECKS = ("other-model-type", "remote-code", "truncated-weights", "corrupt-weights")
+COMMANDS = ("generate", "eval", "inspect", "finetune-classify")
+CASES = [(how, command) for how in BROKEN for command in COMMANDS] + [(how, "card") for how in CARD_CHECKS]
+
+
+@pytest.mark.parametrize(("how", "command"), CASES, ids=[f"{how}-{command}" for how, command in CASES])
 def test_broken_model_folders_are_one_line_errors_that_write_nothing(tmp_path, capsys, how, command):
     folder = save_tiny_model(tmp_path / "model")
+    (tmp_path / "train.csv").write_text("text,label\n" + "good,1\nbad,0\n" * 10)
     expected = _break(folder, how)
     before = snapshot(tmp_path)
     arguments = {
         "generate": ["generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
         "eval": ["eval", "--model", str(folder), "--dataset", "python-docs", "--output", str(tmp_path / "e.json")],
+        "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(tmp_path / "inspect")],
+        "card": ["card", str(folder)],
+        "finetune-classify": [
+            "finetune-classify",
+            "--model",
+            str(folder),
+            "--train",
+            str(tmp_path / "train.csv"),
+            "--output-dir",
+            str(tmp_path / "classifier"),
+        ],
     }[command]
     code, err = run_cli(capsys, *arguments)
     assert code == 2, err
-    [line] = [line for line in err.splitlines() if line.strip()]
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
     assert line.startswith(expected), line
     assert "Traceback" not in err and snapshot(tmp_path) == before
 

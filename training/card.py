@@ -552,6 +552,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--revision", default="main", help="branch or commit the load snippet pins (default: main)")
     parser.add_argument("--license", help=f"Hub license id (default: the current card's, else {DEFAULT_LICENSE})")
     args = parser.parse_args(argv)
+    from training.generate import check_model_folder
+
+    if (Path(args.folder) / "config.json").is_file():  # a missing folder or config: write_card says so itself
+        check_model_folder(args.folder)  # model type, auto_map and weight files, as every command checks them
     readme = write_card(args.folder, repo_id=args.repo_id, revision=args.revision, license=args.license)
     print(f"wrote {readme}")
     return 0

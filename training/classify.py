@@ -24,7 +24,7 @@ from datasets import Dataset
 
 from training.arguments import arg
 from training.errors import UserError
-from training.generate import check_model_folder, parse_command
+from training.generate import check_model_folder, check_tokenizer_fits, parse_command
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_to
             output_loading_info=True,
             use_safetensors=True,
         )
+    except (OSError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{folder}: the weights do not fit config.json ({first}); save the model again") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     new = sorted(set(info["missing_keys"]) | {key for key, *_ in info.get("mismatched_keys", [])})
@@ -249,14 +252,15 @@ def tokenize(data: Dataset, tokenizer, max_length: int) -> Dataset:
 def finetune(args: ClassifyArguments) -> dict:
     """Trains, evaluates, writes the output folder; returns the content of results.json."""
     import evaluate
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+    from transformers import AutoConfig, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     from training.tokenization import build_tokenizer
 
     folder = check_model_folder(args.model)
+    tokenizer = build_tokenizer(str(folder))
+    check_tokenizer_fits(folder, tokenizer, AutoConfig.from_pretrained(folder).vocab_size)
     output_dir = prepare_output_dir(args)
     data = load_labelled_data(args)
-    tokenizer = build_tokenizer(str(folder))
     max_length = args.max_length or min(int(tokenizer.model_max_length), MAX_LENGTH_CAP)
     set_seed(args.seed)
     model, new_weights = load_classifier(folder, data.labels, args.bidirectional, tokenizer.pad_token_id)

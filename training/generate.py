@@ -119,12 +119,16 @@ def load_model_and_tokenizer(
         if bars:
             transformers_logging.enable_progress_bar()
     tokenizer = build_tokenizer(str(folder))
-    if len(tokenizer) > model.config.vocab_size:
+    check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
+    return model.eval(), tokenizer
+
+
+def check_tokenizer_fits(folder: Path, tokenizer, vocab_size: int) -> None:
+    if len(tokenizer) > vocab_size:
         raise UserError(
             f"{folder}: the tokenizer has {len(tokenizer):,} tokens, more than the model's vocab_size "
-            f"{model.config.vocab_size:,}; save the tokenizer the model was trained with (or resize the embeddings)"
+            f"{vocab_size:,}; save the tokenizer the model was trained with (or resize the embeddings)"
         )
-    return model.eval(), tokenizer
 
 
 def _first_line(error: BaseException) -> str:
