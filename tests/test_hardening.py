@@ -410,3 +410,14 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_files
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
     load_file(folder / "checkpoints" / "checkpoint-2" / "model.safetensors")  # complete and readable
     load_file(folder / "model.safetensors")  # the best model so far
+
+
+def test_a_cache_dir_below_a_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    output_dir, cache_dir = tmp_path / "out", tmp_path / "afile" / "blocks"
+    code, err = run_cli(capsys, "train", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir))
+    assert code == 1 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
+    assert line.startswith(f"error: cannot write {cache_dir}: not a directory; free space or pick a writable path")
+    assert snapshot(tmp_path) == before

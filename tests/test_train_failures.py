@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_hardening import snapshot
 from tests.test_train import REPO_ROOT, as_flags, single_thread, tiny_options  # noqa: F401
 from training.arguments import arguments_from_dict
 from training.checkpoints import list_checkpoints
@@ -115,13 +116,15 @@ BAD_ARGUMENTS = {
 @pytest.mark.parametrize(("flags", "expected"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
 def test_bad_arguments_give_one_error_line_and_write_nothing(tmp_path, capsys, flags, expected):
     output_dir = tmp_path / "out"
+    (tmp_path / "keep.txt").write_text("a file that was there before")
+    before = snapshot(tmp_path)
     code = cli_main(["train", "--output-dir", str(output_dir), *flags])
     captured = capsys.readouterr()
     assert code == 2
     [message] = error_lines(captured.err)
     assert expected in message and captured.err.strip().endswith(message)
     assert "Traceback" not in captured.err
-    assert not output_dir.exists()
+    assert not output_dir.exists() and snapshot(tmp_path) == before
 
 
 YAML_PROBLEMS = {
@@ -136,9 +139,12 @@ YAML_PROBLEMS = {
 def test_bad_yaml_files_give_one_error_line(tmp_path, capsys, content, expected):
     config = tmp_path / "run.yaml"
     config.write_text(content)
+    before = snapshot(tmp_path)
     assert cli_main(["train", str(config)]) == 2
-    [message] = error_lines(capsys.readouterr().err)
-    assert expected in message
+    err = capsys.readouterr().err
+    [message] = error_lines(err)
+    assert expected in message and "Traceback" not in err
+    assert snapshot(tmp_path) == before
 
 
 def test_missing_yaml_file(tmp_path, capsys):
