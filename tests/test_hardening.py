@@ -138,28 +138,34 @@ def test_a_checkpoint_without_its_loop_state_is_a_one_line_error(tmp_path, capsy
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "inspect", "finetune-classify"])
-def test_model_folders_with_only_pickled_weights_are_refused_and_never_loaded(tmp_path, capsys, command):
-    folder = save_tiny_model(tmp_path / "model")
-    (folder / "model.safetensors").unlink()
-    marker = tmp_path / "pwned"
-    plant(folder / "pytorch_model.bin", marker)
-    arguments = {
-        "generate": ["generate", "--model", str(folder), "--prompt", "a"],
-        "eval": ["eval", "--model", str(folder), "--dataset", "python-docs"],
-        "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(tmp_path / "inspect")],
+def command_line(command: str, folder: Path, work: Path) -> list[str]:
+    """A command that reads the model folder, with everything else it needs under `work` (a labelled CSV for
+    finetune-classify is written there)."""
+    (work / "train.csv").write_text("text,label\n" + "good,1\nbad,0\n" * 10)
+    return {
+        "generate": ["generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
+        "eval": ["eval", "--model", str(folder), "--dataset", "python-docs", "--output", str(work / "e.json")],
+        "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(work / "inspect")],
         "card": ["card", str(folder)],
         "finetune-classify": [
             "finetune-classify",
             "--model",
             str(folder),
             "--train",
-            str(tmp_path / "train.csv"),
+            str(work / "train.csv"),
             "--output-dir",
-            str(tmp_path / "classifier"),
+            str(work / "classifier"),
         ],
     }[command]
-    (tmp_path / "train.csv").write_text("text,label\ngood,1\nbad,0\n")
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "inspect", "finetune-classify"])
+def test_model_folders_with_only_pickled_weights_are_refused_and_never_loaded(tmp_path, capsys, command):
+    folder = save_tiny_model(tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    plant(folder / "pytorch_model.bin", marker)
+    arguments = command_line(command, folder, tmp_path)
     code, err = run_cli(capsys, *arguments)
     assert code == 2
     assert err.strip() == (
@@ -242,24 +248,9 @@ CASES = [(how, command) for how in BROKEN for command in COMMANDS] + [(how, "car
 @pytest.mark.parametrize(("how", "command"), CASES, ids=[f"{how}-{command}" for how, command in CASES])
 def test_broken_model_folders_are_one_line_errors_that_write_nothing(tmp_path, capsys, how, command):
     folder = save_tiny_model(tmp_path / "model")
-    (tmp_path / "train.csv").write_text("text,label\n" + "good,1\nbad,0\n" * 10)
+    arguments = command_line(command, folder, tmp_path)
     expected = _break(folder, how)
     before = snapshot(tmp_path)
-    arguments = {
-        "generate": ["generate", "--model", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
-        "eval": ["eval", "--model", str(folder), "--dataset", "python-docs", "--output", str(tmp_path / "e.json")],
-        "inspect": ["inspect", "--model", str(folder), "--text", "abc", "--output-dir", str(tmp_path / "inspect")],
-        "card": ["card", str(folder)],
-        "finetune-classify": [
-            "finetune-classify",
-            "--model",
-            str(folder),
-            "--train",
-            str(tmp_path / "train.csv"),
-            "--output-dir",
-            str(tmp_path / "classifier"),
-        ],
-    }[command]
     code, err = run_cli(capsys, *arguments)
     assert code == 2, err
     [line] = [line for line in err.splitlines() if line.startswith("error")]
