@@ -63,6 +63,7 @@ def test_figures_and_summary_match_direct_computations(tmp_path, capsys, rnn_typ
         "attention": (1, HEADS),
         "hidden_norms": (3, 1),
         "recurrent_state": (3, 1),
+        "embeddings": (1, 1),
     }
 
     summary = (out_dir / "summary.md").read_text()
@@ -105,6 +106,7 @@ def test_a_pure_recurrent_model_has_no_attention_figure(tmp_path, capsys):
     )
     assert code == 0, err
     assert sorted(path.name for path in out_dir.iterdir()) == [
+        "embeddings.png",
         "hidden_norms.png",
         "recurrent_state.png",
         "summary.json",

@@ -70,6 +70,15 @@ class ModelArguments:
     hidden_dropout: float = arg(0.0, "dropout on embeddings and sub-layer outputs")
     attention_dropout: float = arg(0.0, "dropout on attention probabilities")
     use_residual: bool = arg(True, "residual connections around every sub-layer (--no-use-residual: ablation)")
+    init_embeddings: str | None = arg(
+        None,
+        "a word2vec or GloVe text file (one word and its vector per line, word2vec's count/dimension header line "
+        "optional) whose vectors initialise the input embeddings (and the tied output embeddings) of the tokens it "
+        "holds; the other tokens keep the normal initialisation. Its dimension must equal --hidden-size",
+    )
+    freeze_embeddings: bool = arg(
+        False, "keep the input embeddings (and so the tied output embeddings) fixed during training"
+    )
 
     def __post_init__(self):
         _check_types(self)
@@ -96,9 +105,15 @@ class DataArguments:
     text_column: str = arg("text", "column holding the text in a Hub or tabular dataset")
     validation_fraction: float = arg(0.1, "share of the text held out for validation when there is no such split")
     tokenizer: str = arg(
-        "char", "char (one token per character), bpe (byte-level BPE trained on the corpus) or a path"
+        "char",
+        "char (one token per character), word (one token per word or punctuation run, <|unk|> for the rest), bpe "
+        "(byte-level BPE trained on the corpus) or the path of a saved tokenizer folder",
     )
-    vocab_size: int | None = arg(None, "BPE vocabulary size (bpe only)")
+    vocab_size: int | None = arg(
+        None, "vocabulary size, special tokens included: bpe's target (default 8192); a cap for char and word"
+    )
+    min_frequency: int = arg(1, "leave out characters, words or BPE merges seen fewer times in the training split")
+    lowercase: bool = arg(False, "lowercase the text before tokenizing (saved with the tokenizer)")
     block_size: int = arg(128, "tokens per training sequence")
     num_proc: int = arg(1, "processes used to tokenize the corpus")
     cache_dir: str | None = arg(
@@ -109,7 +124,7 @@ class DataArguments:
 
     def __post_init__(self):
         _check_types(self)
-        _check_positive(self, "block_size", "num_proc")
+        _check_positive(self, "block_size", "num_proc", "min_frequency")
         _check_positive(self, "vocab_size", allow_none=True)
         if not 0.0 < self.validation_fraction < 1.0:
             raise UserError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}; pick e.g. 0.1")

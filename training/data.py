@@ -49,7 +49,7 @@ VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 _GLOB_CHARACTERS = "*?["
 _READ_CHUNK_BYTES = 1 << 24
 # Bump when the layout of cached blocks changes, so old caches are not reused.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ Split = Dataset | IterableDataset
 
 
 def load_corpus(
-    dataset: str,
+    dataset: str | os.PathLike,
     *,
     dataset_config: str | None = None,
     text_column: str = "text",
@@ -108,7 +108,7 @@ def load_corpus(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise UserError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction}")
-    name, config = _split_config_suffix(dataset, dataset_config)
+    name, config = _split_config_suffix(os.fspath(dataset), dataset_config)
     cache_dir = None if cache_dir is None else str(cache_dir)
     if name in BUILTIN_CORPORA:
         documents = BUILTIN_CORPORA[name].documents()
@@ -463,6 +463,8 @@ class CorpusStats:
 
     `tokens` counts the whole token stream (one EOS after each document included); the blocks hold its
     first `blocks * block_size` tokens. Bits per character = nats per token * tokens / characters / ln 2.
+    `text_tokens` leaves the EOS separators out; `unknown_tokens` counts the tokenizer's unknown token
+    (out-of-vocabulary words or characters) among them.
     """
 
     documents: int
@@ -470,6 +472,13 @@ class CorpusStats:
     tokens: int
     blocks: int
     block_size: int
+    text_tokens: int = 0
+    unknown_tokens: int = 0
+
+    @property
+    def unknown_rate(self) -> float:
+        """Share of the text's tokens (EOS separators excluded) that are the unknown token: the OOV rate."""
+        return self.unknown_tokens / max(1, self.text_tokens)
 
     @property
     def characters_per_token(self) -> float:
@@ -500,6 +509,7 @@ class _TokenizeJob:
     num_proc: int
     eos_id: int
     tokenizer_hash: str
+    unk_id: int | None = None
 
 
 def tokenize_corpus(
@@ -521,7 +531,14 @@ def tokenize_corpus(
         raise UserError(f"block_size must be a positive number of tokens, got {block_size}")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token, which separates documents: give it one")
-    job = _TokenizeJob(tokenizer, block_size, max(1, num_proc), tokenizer.eos_token_id, _tokenizer_hash(tokenizer))
+    job = _TokenizeJob(
+        tokenizer,
+        block_size,
+        max(1, num_proc),
+        tokenizer.eos_token_id,
+        _tokenizer_hash(tokenizer),
+        tokenizer.unk_token_id,
+    )
     if isinstance(corpus, IterableDatasetDict):
         return IterableDatasetDict({name: _stream_blocks(split, job) for name, split in corpus.items()})
     splits, stats, hits = {}, {}, []
@@ -587,7 +604,7 @@ def _blocks_for_split(
     return load_from_disk(str(target)), stats, False
 
 
-def _tokenize_documents(batch: dict, tokenizer, eos_id: int) -> dict:
+def _tokenize_documents(batch: dict, tokenizer, eos_id: int, unk_id: int | None = None) -> dict:
     texts = [text or "" for text in batch["text"]]
     # add_special_tokens=False: documents are joined with EOS here, never with the tokenizer's own specials.
     if type(tokenizer) is PreTrainedTokenizerFast:
@@ -600,10 +617,13 @@ def _tokenize_documents(batch: dict, tokenizer, eos_id: int) -> dict:
     return {
         "input_ids": [[*row, eos_id] if text else [] for row, text in zip(ids, texts)],
         "characters": [len(text) for text in texts],
+        "unknown": [0 if unk_id is None else row.count(unk_id) for row in ids],
     }
 
 
-_TOKENS_FEATURES = Features({"input_ids": List(Value("int32")), "characters": Value("int64")})
+_TOKENS_FEATURES = Features(
+    {"input_ids": List(Value("int32")), "characters": Value("int64"), "unknown": Value("int64")}
+)
 
 
 def _tokenize_split(
@@ -613,7 +633,7 @@ def _tokenize_split(
     try:
         documents = split.map(
             _tokenize_documents,
-            fn_kwargs={"tokenizer": job.tokenizer, "eos_id": job.eos_id},
+            fn_kwargs={"tokenizer": job.tokenizer, "eos_id": job.eos_id, "unk_id": job.unk_id},
             batched=True,
             num_proc=_usable_processes(job.num_proc, split.num_rows),
             remove_columns=split.column_names,
@@ -653,7 +673,9 @@ def _tokenize_split(
         new_fingerprint=f"{key}-blocks",
         desc=f"Cutting {name} into blocks",
     )
-    stats = CorpusStats(split.num_rows, characters, tokens, block_count, job.block_size)
+    unknown = int(pc.sum(documents.data.column("unknown")).as_py() or 0)
+    text_tokens = tokens - int(np.count_nonzero(lengths))  # one EOS after each document that has text
+    stats = CorpusStats(split.num_rows, characters, tokens, block_count, job.block_size, text_tokens, unknown)
     return blocks, stats
 
 

@@ -7,11 +7,15 @@ Written to --output-dir:
   attention, MLP) along the sequence, read with forward hooks.
 - recurrent_state.png: one panel per block: ||h_t - h_{t-1}|| of the recurrent state (h_{-1} = 0), from the
   fused RNN's outputs, i.e. how much each token moves the state.
-- summary.md (and summary.json with the same numbers).
+- embeddings.png: the input embeddings of the text's most frequent tokens projected on their first two principal
+  components (PCA), each point labelled with its token.
+- summary.md (and summary.json with the same numbers), with the nearest neighbours (cosine similarity of the input
+  embeddings) of the tokens given with --words.
 """
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,7 @@ LINE_PANEL_INCHES = (10.0, 2.2)
 DPI = 100
 MAX_TOKEN_LABELS = 48  # beyond this, tick labels are unreadable: positions only
 SUB_LAYERS = ("recurrent", "attention", "mlp")
+EMBEDDING_FIGURE_INCHES = 8.0
 
 
 @dataclass
@@ -42,12 +47,22 @@ class InspectArguments:
     text: str | None = arg(None, "the text to run through the model")
     text_file: str | None = arg(None, "read the text from this file instead of --text")
     max_tokens: int = arg(64, "keep only the first this many tokens (attention maps grow with the square)")
+    words: list[str] = arg(
+        [], "tokens whose nearest neighbours in the input embeddings (cosine) are listed, e.g. --words king queen"
+    )
+    neighbours: int = arg(8, "neighbours listed per --words token")
+    embedding_tokens: int = arg(
+        100, "embeddings.png shows this many of the most frequent tokens of the text (all of it, not --max-tokens)"
+    )
 
     def __post_init__(self):
         if (self.text is None) == (self.text_file is None):
             raise UserError("give exactly one of --text TEXT or --text-file FILE")
         if self.max_tokens < 2:
             raise UserError(f"--max-tokens must be >= 2, got {self.max_tokens}")
+        for name in ("neighbours", "embedding_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -73,6 +88,11 @@ class Inspection:
     # per attention layer, per head: mean entropy (nats), mean distance to the attended keys (tokens)
     attention_entropy: list[list[float]]
     attention_distance: list[list[float]]
+    # --words token -> its nearest neighbours [(token, cosine similarity)], most similar first
+    neighbours: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # the tokens of embeddings.png and their 2-D coordinates (first two principal components)
+    embedding_tokens: list[str] = field(default_factory=list)
+    embedding_coordinates: list[tuple[float, float]] = field(default_factory=list)
     figures: dict[str, FigureGrid] = field(default_factory=dict)
 
 
@@ -158,6 +178,57 @@ def summarize(tokens: list[str], attention_layers: list[int], captured: Trace) -
         attention_entropy=[entropy for entropy, _ in attention],
         attention_distance=[distance for _, distance in attention],
     )
+
+
+def word_token_id(tokenizer, word: str) -> int:
+    """The id of a --words entry: a vocabulary token as spelled (e.g. BPE's "Ġthe"), else the one token it encodes to."""
+    vocabulary = tokenizer.get_vocab()
+    if word in vocabulary:
+        return vocabulary[word]
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and (ids[0] != tokenizer.unk_token_id or word == tokenizer.unk_token):
+        return ids[0]
+    if not ids or ids == [tokenizer.unk_token_id]:
+        raise UserError(f"--words {word!r} is not in the model's vocabulary; give tokens the tokenizer knows")
+    pieces = " ".join(repr(tokenizer.convert_ids_to_tokens(index)) for index in ids)
+    raise UserError(f"--words {word!r} is {len(ids)} tokens for this tokenizer ({pieces}); give single tokens")
+
+
+def nearest_neighbours(
+    embeddings: torch.Tensor, index: int, count: int, excluded: set[int]
+) -> list[tuple[int, float]]:
+    """The `count` rows most cosine-similar to row `index` (itself and `excluded` left out), most similar first."""
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    similarity = unit @ unit[index]  # (V,)
+    similarity[[index, *excluded]] = -math.inf
+    values, indices = similarity.topk(min(count, len(similarity) - 1 - len(excluded)))
+    return [(int(i), float(v)) for i, v in zip(indices, values)]
+
+
+def principal_components(rows: torch.Tensor) -> torch.Tensor:
+    """(N, H) -> (N, 2): the rows centred and projected on their first two principal directions."""
+    centred = rows.float() - rows.float().mean(dim=0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # rows of `directions`: principal axes
+    return centred @ directions[:2].T
+
+
+def frequent_tokens(ids: list[int], count: int, excluded: set[int]) -> list[int]:
+    """The `count` most frequent ids (ties: first seen first), special tokens left out."""
+    counts = Counter(index for index in ids if index not in excluded)
+    return [index for index, _ in counts.most_common(count)]
+
+
+def plot_embeddings(coordinates: torch.Tensor, labels: list[str], path: Path) -> FigureGrid:
+    size = EMBEDDING_FIGURE_INCHES
+    figure, axes = plt.subplots(figsize=(size, size), layout="constrained")
+    axes.scatter(coordinates[:, 0].numpy(), coordinates[:, 1].numpy(), s=8, color="tab:blue")
+    for (x, y), label in zip(coordinates.tolist(), labels):
+        axes.annotate(display_token(label), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    axes.set_xlabel("principal component 1")
+    axes.set_ylabel("principal component 2")
+    axes.grid(alpha=0.3)
+    axes.set_title(f"input embeddings of the {len(labels)} most frequent tokens of the text (PCA)", fontsize=9)
+    return _save(figure, path, 1, 1)
 
 
 def display_token(token: str) -> str:
@@ -274,15 +345,38 @@ def summary_markdown(result: Inspection, model_dir: str) -> str:
                 lines.append(f"| {layer} | {head} | {entropy:.4f} | {distance:.4f} |")
     else:
         lines += ["", "This model has no attention layers: attention.png is not written."]
+    if result.neighbours:
+        width = max(len(found) for found in result.neighbours.values())
+        lines += [
+            "",
+            "## Nearest neighbours in the input embeddings (cosine similarity)",
+            "",
+            "| token | " + " | ".join(str(rank) for rank in range(1, width + 1)) + " |",
+            "| --- |" + " --- |" * width,
+        ]
+        for word, found in result.neighbours.items():
+            cells = [f"`{display_token(token)}` {similarity:.3f}" for token, similarity in found]
+            lines.append(f"| `{display_token(word)}` | " + " | ".join(cells) + " |")
     lines += ["", "## Figures", ""]
     lines += [f"- `{grid.path}`: {grid.rows} x {grid.columns} panels" for grid in result.figures.values()]
     return "\n".join(lines) + "\n"
 
 
-def inspect_text(model, tokenizer, text: str, output_dir: Path, max_tokens: int) -> Inspection:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+def inspect_text(
+    model,
+    tokenizer,
+    text: str,
+    output_dir: Path,
+    max_tokens: int,
+    words: list[str] = (),
+    neighbours: int = 8,
+    embedding_tokens: int = 100,
+) -> Inspection:
+    all_ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # all of it, for counts
+    ids = all_ids[:max_tokens]
     if not ids:
         raise UserError("the text is empty after tokenization: give some text to inspect")
+    word_ids = {word: word_token_id(tokenizer, word) for word in words}  # bad --words fail before any file
     tokens = [tokenizer.decode([token]) for token in ids]
     captured = trace(model, torch.tensor([ids], device=model.device))
     captured = Trace(  # plots and statistics on the CPU
@@ -297,6 +391,20 @@ def inspect_text(model, tokenizer, text: str, output_dir: Path, max_tokens: int)
         result.figures["attention"] = plot_attention(captured, layers, tokens, output_dir / "attention.png")
     result.figures["hidden_norms"] = plot_stream_norms(captured, tokens, output_dir / "hidden_norms.png")
     result.figures["recurrent_state"] = plot_state_changes(captured, tokens, output_dir / "recurrent_state.png")
+
+    embeddings = model.get_input_embeddings().weight.detach().cpu()
+    special = set(tokenizer.all_special_ids)
+    for word, index in word_ids.items():
+        found = nearest_neighbours(embeddings, index, neighbours, special - {index})
+        result.neighbours[word] = [(tokenizer.convert_ids_to_tokens(i), similarity) for i, similarity in found]
+    shown = frequent_tokens(all_ids, embedding_tokens, special)
+    if len(shown) >= 2:  # a projection needs two points
+        coordinates = principal_components(embeddings[shown])
+        result.embedding_tokens = tokenizer.convert_ids_to_tokens(shown)
+        result.embedding_coordinates = [tuple(point) for point in coordinates.tolist()]
+        result.figures["embeddings"] = plot_embeddings(
+            coordinates, result.embedding_tokens, output_dir / "embeddings.png"
+        )
     return result
 
 
@@ -305,7 +413,8 @@ def main(argv: list[str]) -> int:
         InspectArguments,
         argv,
         "hybrid-lm inspect",
-        "Plot attention maps, hidden-state norms and recurrent state changes of a saved model on one text.",
+        "Plot attention maps, hidden-state norms, recurrent state changes and the input embeddings of a saved model "
+        "on one text; list the nearest neighbours of --words tokens.",
     )
     text = args.text
     if args.text_file is not None:
@@ -315,7 +424,9 @@ def main(argv: list[str]) -> int:
         text = path.read_text(encoding="utf-8")
     model, tokenizer = load_base_model(args.model)
     output_dir = Path(args.output_dir).expanduser()
-    result = inspect_text(model, tokenizer, text, output_dir, args.max_tokens)
+    result = inspect_text(
+        model, tokenizer, text, output_dir, args.max_tokens, args.words, args.neighbours, args.embedding_tokens
+    )
     (output_dir / "summary.md").write_text(summary_markdown(result, args.model))
     (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     print(summary_markdown(result, args.model))

@@ -177,6 +177,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
+    init_embeddings = prepare_embeddings(model, tokenizer, model_args)
     create_output_dir(accelerator, output_dir, train_args)
     start_trackers(accelerator, output_dir, train_args)
     if accelerator.is_main_process:
@@ -252,11 +253,17 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         **count_parameters(accelerator.unwrap_model(model)),
         "dataset": data_args.dataset,
         "tokenizer": _tokenizer_kind(tokenizer),
+        "vocab_size": len(tokenizer),
+        # Share of the validation text's tokens that the vocabulary does not hold (scored as the unknown token).
+        "validation_oov_rate": stats.unknown_rate
+        if stats is not None and tokenizer.unk_token_id is not None
+        else None,
         "architecture": architecture_of(accelerator.unwrap_model(model)),
         "num_processes": accelerator.num_processes,
         "num_threads": torch.get_num_threads(),  # per process
         "steps": progress.step,
         "train_seconds": progress.train_seconds,
+        "init_embeddings": init_embeddings,  # {file, found, vocabulary} with --init-embeddings
         "resumes": progress.resumes,  # each resume's step and the options it changed: {option: [before, after]}
         "stopped_reason": stopped_reason,
     }
@@ -412,6 +419,8 @@ RUN_SHAPING_OPTIONS = (
     "validation_fraction",
     "tokenizer",
     "vocab_size",
+    "min_frequency",
+    "lowercase",
     "block_size",
     "batch_size",
     "gradient_accumulation_steps",
@@ -494,7 +503,12 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
             tokenizer = build_tokenizer(str(saved_tokenizer), model_max_length=max_length)
         else:
             tokenizer = build_tokenizer(
-                data_args.tokenizer, training_texts(corpus["train"]), data_args.vocab_size, max_length
+                data_args.tokenizer,
+                training_texts(corpus["train"]),
+                data_args.vocab_size,
+                max_length,
+                min_frequency=data_args.min_frequency,
+                lowercase=data_args.lowercase,
             )
         cache_dir = block_cache_dir(data_args.cache_dir)
         tokenized = tokenize_corpus(
@@ -502,6 +516,15 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
         )
         if cache_dir is not None:
             logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
+    validation = getattr(tokenized, "stats", {}).get("validation")
+    if accelerator.is_main_process and validation is not None and tokenizer.unk_token_id is not None:
+        logger.info(
+            "validation split: %d of %d tokens (%.2f%%) are out of the vocabulary (%s)",
+            validation.unknown_tokens,
+            validation.text_tokens,
+            100 * validation.unknown_rate,
+            tokenizer.unk_token,
+        )
     return tokenizer, tokenized
 
 
@@ -575,6 +598,26 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     }
     config = build_model_config(model_args, len(tokenizer), block_size, **special)
     return AutoModelForCausalLM.from_config(config)
+
+
+def prepare_embeddings(model, tokenizer, model_args: ModelArguments) -> dict | None:
+    """--init-embeddings and --freeze-embeddings. A resume does the same, then loads the trained weights over them."""
+    from training.embeddings import freeze_embeddings, initialise_embeddings
+
+    found = None
+    if model_args.init_embeddings is not None:
+        found = initialise_embeddings(model, tokenizer, model_args.init_embeddings)
+        logger.info(
+            "--init-embeddings %s: %d of %d vocabulary tokens (%.1f%%) found there; the others keep the normal "
+            "initialisation",
+            found["file"],
+            found["found"],
+            found["vocabulary"],
+            100 * found["found"] / max(1, found["vocabulary"]),
+        )
+    if model_args.freeze_embeddings:
+        freeze_embeddings(model)
+    return found
 
 
 def check_model_fits(config, args: TrainArguments) -> None:
