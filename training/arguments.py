@@ -114,6 +114,11 @@ class DataArguments:
     )
     min_frequency: int = arg(1, "leave out characters, words or BPE merges seen fewer times in the training split")
     lowercase: bool = arg(False, "lowercase the text before tokenizing (saved with the tokenizer)")
+    test_dataset: str | None = arg(
+        None,
+        "a text file, folder or glob scored whole by the best model when training ends (results.json: test), e.g. "
+        "a held-out test file; a folder with a test split gives that split",
+    )
     block_size: int = arg(128, "tokens per training sequence")
     num_proc: int = arg(1, "processes used to tokenize the corpus")
     cache_dir: str | None = arg(

@@ -131,6 +131,27 @@ def load_corpus(
     return _finish(loaded, text_column, validation_fraction, name)
 
 
+def load_whole_text(dataset: str | os.PathLike, *, text_column: str = "text", cache_dir: str | None = None) -> Dataset:
+    """Every document of a local .txt/.jsonl/.parquet file, folder or glob, as one split (nothing held out): e.g. a
+    test file scored whole. A folder laid out in splits gives its test split (train/validation files excluded)."""
+    name = os.fspath(dataset)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        per_split = _files_per_split(path)
+        files = per_split.get("test") or [file for split_files in per_split.values() for file in split_files]
+        if not files:
+            raise UserError(f"{name} holds no .txt, .jsonl or .parquet files: point to the text to score")
+    elif path.is_file() or any(character in name for character in _GLOB_CHARACTERS):
+        files = _expand_files(name)
+    else:
+        raise UserError(f"{name} does not exist: pass an existing .txt/.jsonl/.parquet file, folder or glob")
+    builder = _format_of(files, name)
+    if builder == "text":
+        return _text_files_split(files, streaming=False, cache_dir=cache_dir)
+    loaded = _load_with_datasets(builder, None, cache_dir=cache_dir, data_files={"test": [str(f) for f in files]})
+    return _text_only(loaded["test"], text_column, name)
+
+
 def _split_config_suffix(dataset: str, dataset_config: str | None) -> tuple[str, str | None]:
     """Splits "name:config" -> ("name", "config"), unless the whole string is an existing path."""
     if dataset_config is not None or ":" not in dataset or Path(dataset).expanduser().exists():

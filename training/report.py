@@ -75,6 +75,10 @@ class RunRecord:
     num_threads: int  # torch CPU threads of the run (per process)
     same_recipe: bool  # changes only model options (size, cell, ...) of the base: such runs form the scaling fit
     overrides: str  # what this run changes in the study's base config
+    test_loss: float = math.nan  # --test-dataset: the best model on that text (NaN when the run had none)
+    test_perplexity: float = math.nan
+    test_oov_rate: float | None = None
+    validation_oov_rate: float | None = None
 
 
 @dataclass
@@ -141,6 +145,10 @@ def read_run(folder: Path) -> RunRecord:
         num_threads=results.get("num_threads", sweep["hardware"]["torch_threads"]),
         same_recipe=sweep["same_recipe"],
         overrides=", ".join(f"{key}={value}" for key, value in sweep["overrides"].items()),
+        test_loss=(results.get("test") or {}).get("loss", math.nan),
+        test_perplexity=(results.get("test") or {}).get("perplexity", math.nan),
+        test_oov_rate=(results.get("test") or {}).get("oov_rate"),
+        validation_oov_rate=results.get("validation_oov_rate"),
     )
 
 
@@ -512,16 +520,21 @@ def _results_table(records: list[RunRecord]) -> list[str]:
         "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | steps | wall min | best step | "
         "best val loss | ppl | bits/char | final train loss | gap | changes |"
     )
-    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * 17]
+    tested = any(math.isfinite(r.test_loss) for r in records)
+    columns = 17 + (2 if tested else 0)
+    if tested:
+        header = header.replace("| bits/char |", "| bits/char | test loss | test ppl |")
+    lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * columns]
     for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
+        test = f" {r.test_loss:.4f} | {r.test_perplexity:.2f} |" if tested else ""
         stopped = "" if r.stopped_reason == "max_steps" else f" (stopped: {r.stopped_reason})"
         lines.append(
             f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | "
             f"{r.hidden_size} x {r.num_hidden_layers} | {r.num_parameters:,} | "
             f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.steps:,} | {r.wall_time_s / 60:.2f} | "
             f"{r.best_step} | "
-            f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} | {r.final_train_loss:.4f} | "
+            f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} |{test} {r.final_train_loss:.4f} | "
             f"{r.train_val_gap:+.4f} | {r.overrides or '(base config)'} |"
         )
     lines += [
@@ -536,6 +549,19 @@ def _results_table(records: list[RunRecord]) -> list[str]:
         "gap from pass to pass is what shows overfitting.",
         "",
     ]
+    if tested:
+        oov = sorted({f"{100 * r.test_oov_rate:.2f}%" for r in records if r.test_oov_rate is not None})
+        lines += [
+            "test loss / test ppl: the best model (chosen on the validation split) on the whole --test-dataset text, "
+            "block by block as the validation split is scored (each block's first token is not scored)"
+            + (
+                f"; out-of-vocabulary share of the test tokens: {', '.join(oov)} (each scored as the unknown token)"
+                if oov
+                else ""
+            )
+            + ".",
+            "",
+        ]
     return lines
 
 

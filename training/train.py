@@ -174,6 +174,10 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     resume_from = check_output_dir(output_dir, train_args)
     resume_changes = check_resume_options(output_dir, model_args, data_args, train_args) if resume_from else {}
     set_seed(train_args.seed)
+    if data_args.test_dataset is not None:  # read now, so that a bad path fails before anything is written
+        from training.data import load_whole_text
+
+        load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
     tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
@@ -288,6 +292,8 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             loader = DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate)
             full = evaluate_saved_model(accelerator, output_dir, loader, metric, characters_per_token)
         results["full_validation"] = {**full, "blocks": len(full_split)}
+        if data_args.test_dataset is not None:
+            results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
     if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
         finish_output_folder(output_dir, results, train_args)
     accelerator.wait_for_everyone()
@@ -584,6 +590,26 @@ def evaluate_saved_model(
         "perplexity": metrics["val_perplexity"],
         "bits_per_token": metrics["val_bits_per_token"],
         "bits_per_character": metrics.get("val_bits_per_char"),
+    }
+
+
+def evaluate_test_text(accelerator, output_dir: Path, data_args: DataArguments, train_args, tokenizer, metric) -> dict:
+    """--test-dataset: the best model on every block of that text (read whole), with its OOV rate."""
+    from datasets import DatasetDict
+
+    from training.data import load_whole_text, tokenize_corpus
+
+    split = load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
+    tokenized = tokenize_corpus(DatasetDict({"test": split}), tokenizer, data_args.block_size)
+    stats = tokenized.stats["test"]
+    loader = DataLoader(tokenized["test"], batch_size=train_args.batch_size, collate_fn=_collate)
+    scores = evaluate_saved_model(accelerator, output_dir, loader, metric, stats.characters_per_token)
+    return {
+        **scores,
+        "dataset": Path(data_args.test_dataset).name,
+        "tokens": stats.text_tokens,
+        "tokens_evaluated": stats.blocks * (data_args.block_size - 1),  # each block's first token has no context
+        "oov_rate": stats.unknown_rate if tokenizer.unk_token_id is not None else None,
     }
 
 
