@@ -11,6 +11,7 @@ keys/values, bounded by the window for sliding attention). Each new token then c
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -91,19 +92,25 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         document_starts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        initial_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output (B, T, H) and the state after the last token, (B, S, H) as the cache holds it.
+        `initial_state` (same layout) is the state before the first token when there is no cache (carried state)."""
         cached = _read_recurrent_state(cache, self.layer_idx)
+        if cached is None:
+            cached = initial_state
         initial_state = None if cached is None else self._to_torch_state(cached)
 
-        if document_starts is not None:  # only without a cache, so from a zero state
-            output, final_state = self._forward_documents(hidden_states, document_starts)
+        if document_starts is not None:  # no cache: from a zero state, or the carried one for each row's first part
+            output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
         elif padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
             output, final_state = self._forward_padded(hidden_states, padding_mask, initial_state)
 
-        _write_recurrent_state(cache, self._to_cache_state(final_state), self.layer_idx)
-        return self.out_proj(output)
+        final_state = self._to_cache_state(final_state)
+        _write_recurrent_state(cache, final_state, self.layer_idx)
+        return self.out_proj(output), final_state
 
     def _forward_padded(self, hidden_states, padding_mask, initial_state):
         """Runs the RNN over the real tokens only, wherever the padding is (left padding in generation).
@@ -128,9 +135,10 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             final_state = self._select_rows(empty_rows, previous, final_state)
         return output, final_state
 
-    def _forward_documents(self, hidden_states, document_starts):
+    def _forward_documents(self, hidden_states, document_starts, initial_state=None):
         """Packed rows (several documents one after another, no cache): every document runs as its own sequence
-        from a zero state, so no state crosses a document boundary. Returns each row's state after its last one."""
+        from a zero state, so no state crosses a document boundary; a row's first part (before its first start)
+        continues `initial_state` when one is given. Returns each row's state after its last part."""
         batch, length, _ = hidden_states.shape
         starts = document_starts.clone()
         starts[:, 0] = True
@@ -139,7 +147,16 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             edges = starts[row].nonzero().flatten().tolist() + [length]
             segments += [(row, start, end) for start, end in zip(edges, edges[1:])]
         pieces = [hidden_states[row, start:end] for row, start, end in segments]
-        packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False))
+        segment_state = None
+        if initial_state is not None:  # (S, B, H) -> (S, segments, H): the row's state for its first part, else 0
+            rows = torch.tensor([row for row, _, _ in segments], device=hidden_states.device)
+            first = torch.tensor([start == 0 for _, start, _ in segments], device=hidden_states.device)
+            segment_state = tuple(
+                torch.where(first[None, :, None], state.index_select(1, rows), 0.0)
+                for state in (initial_state if self.is_lstm else (initial_state,))
+            )
+            segment_state = segment_state if self.is_lstm else segment_state[0]
+        packed_output, final_state = self.rnn(pack_sequence(pieces, enforce_sorted=False), segment_state)
         padded, _ = pad_packed_sequence(packed_output, batch_first=True)  # (segments, longest, D)
         output = torch.cat([padded[index, : end - start] for index, (_, start, end) in enumerate(segments)])
         last = [max(i for i, segment in enumerate(segments) if segment[0] == row) for row in range(batch)]
@@ -285,11 +302,17 @@ class HybridRnnLmScanMixer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         document_starts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        initial_state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output (B, T, H) and the state after the last token (B, 1, H); `initial_state` (B, 1, H) is
+        the state before the first token when there is no cache (carried state)."""
         cached = _read_recurrent_state(cache, self.layer_idx)  # (B, 1, H) or None
+        if cached is None:
+            cached = initial_state
         initial_state = None if cached is None else cached[:, 0]
         output = self._run(self.in_proj, hidden_states, padding_mask, initial_state, document_starts)
-        _write_recurrent_state(cache, output[:, -1:].to(hidden_states.dtype), self.layer_idx)
+        final_state = output[:, -1:].to(hidden_states.dtype)
+        _write_recurrent_state(cache, final_state, self.layer_idx)
         if hasattr(self, "in_proj_reverse"):  # encoder use: the same recurrence from the last token backwards
             mask = None if padding_mask is None else padding_mask.flip(1)
             # Backwards, a document's last token starts it: the token before the next document start.
@@ -300,7 +323,7 @@ class HybridRnnLmScanMixer(nn.Module):
             output = torch.cat([output, reverse], dim=-1)
         if padding_mask is not None:  # as the fused cells: padded positions output zeros
             output = output.masked_fill(~padding_mask[..., None], 0.0)
-        return self.out_proj(output.to(hidden_states.dtype))
+        return self.out_proj(output.to(hidden_states.dtype)), final_state
 
 
 RECURRENT_MIXERS = {
@@ -427,16 +450,19 @@ class HybridRnnLmBlock(GradientCheckpointingLayer):
         padding_mask=None,
         cache: Cache | None = None,
         document_starts=None,
+        initial_state=None,
         **kwargs,
     ):
-        mixed = self.rnn(self.rnn_norm(hidden_states), padding_mask, cache, document_starts)
+        mixed, final_state = self.rnn(
+            self.rnn_norm(hidden_states), padding_mask, cache, document_starts, initial_state
+        )
         hidden_states = self._merge(hidden_states, mixed)
         attention_weights = None
         if self.has_attention:
             update, attention_weights = self.attn(self.attn_norm(hidden_states), attention_mask, cache, **kwargs)
             hidden_states = self._merge(hidden_states, update)
         hidden_states = self._merge(hidden_states, self.mlp(self.mlp_norm(hidden_states)))
-        return hidden_states, attention_weights
+        return hidden_states, attention_weights, final_state
 
 
 class HybridRnnLmPreTrainedModel(PreTrainedModel):
@@ -493,6 +519,21 @@ class HybridRnnLmPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+@dataclass
+class HybridRnnLmOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `recurrent_states`: per block, the recurrent state after the last token, (B, S, H)
+    (S = 2 for an LSTM's h and c, else 1), returned when asked for (`output_recurrent_states` or `recurrent_states`)."""
+
+    recurrent_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class HybridRnnLmCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `recurrent_states`, as in `HybridRnnLmOutput`."""
+
+    recurrent_states: tuple[torch.FloatTensor, ...] | None = None
+
+
 class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
     """The stack of blocks without a head: returns the final (normed) hidden states."""
 
@@ -523,10 +564,22 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        recurrent_states: tuple[torch.Tensor, ...] | None = None,
+        output_recurrent_states: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> HybridRnnLmOutput:
+        """`recurrent_states` (per block, (B, S, H), e.g. the `recurrent_states` of the previous block of the same
+        text, detached) start the recurrence from that state instead of zeros: truncated backpropagation through
+        time, `hybrid-lm train --carry-state`. A row whose `position_ids` start at 0 begins a new document and drops
+        its carried state; inside a row, positions restarting at 0 reset the state as for packed sequences. Only the
+        recurrent state is carried: attention sees the tokens of this forward."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if recurrent_states is not None and (cache is not None or use_cache):
+            raise ValueError(
+                "Pass recurrent_states (carried state, no cache) or a cache (generation), not both; use_cache=False "
+                "with recurrent_states"
+            )
         if input_ids is not None:
             self._check_input_ids(input_ids)
         elif inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
@@ -538,7 +591,8 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            carrying = recurrent_states is not None or bool(output_recurrent_states)  # carried state, not a cache
+            use_cache = self.config.use_cache and not self.training and not carrying
         if self.config.bidirectional:
             use_cache = False  # an encoder sees the whole sequence at once: nothing to carry forward
         if not use_cache:
@@ -549,20 +603,24 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
         padding_mask = self._padding_mask(attention_mask, inputs_embeds, cache)
         document_starts = self._document_starts(position_ids, attention_mask, inputs_embeds, cache)
         attention_mask = self._attention_mask(attention_mask, inputs_embeds, cache, position_ids)
+        if recurrent_states is not None:
+            recurrent_states = self._check_recurrent_states(recurrent_states, inputs_embeds, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
-        all_hidden_states, all_attentions = [], []
-        for block in self.layers:
+        all_hidden_states, all_attentions, final_states = [], [], []
+        for index, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, attention_weights = block(
+            hidden_states, attention_weights, final_state = block(
                 hidden_states,
                 attention_mask=attention_mask,
                 padding_mask=padding_mask,
                 cache=cache,
                 document_starts=document_starts,
+                initial_state=None if recurrent_states is None else recurrent_states[index],
                 **kwargs,
             )
+            final_states.append(final_state)
             if padding_mask is not None:
                 # A padded query attends to nothing and may come out NaN; keep padded positions at exactly zero.
                 hidden_states = hidden_states.masked_fill(~padding_mask[..., None], 0.0)
@@ -572,12 +630,32 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 
-        return BaseModelOutputWithPast(
+        return_states = output_recurrent_states or (output_recurrent_states is None and recurrent_states is not None)
+        return HybridRnnLmOutput(
             last_hidden_state=hidden_states,
             cache=cache,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
+            recurrent_states=tuple(final_states) if return_states else None,
         )
+
+    def _check_recurrent_states(self, states, inputs_embeds, position_ids) -> list[torch.Tensor]:
+        """One (B, S, H) state per block; rows whose position_ids start at 0 (a new document) start from zeros."""
+        if len(states) != len(self.layers):
+            raise ValueError(f"recurrent_states has {len(states)} entries; this model has {len(self.layers)} blocks")
+        batch = inputs_embeds.shape[0]
+        states = list(states)
+        for index, state in enumerate(states):
+            width = 2 if self.config.rnn_type == "lstm" else 1
+            if state.shape != (batch, width, self.config.hidden_size):
+                raise ValueError(
+                    f"recurrent_states[{index}] has shape {tuple(state.shape)}, expected "
+                    f"{(batch, width, self.config.hidden_size)} (batch, states, hidden_size)"
+                )
+        if position_ids is not None:
+            fresh = (position_ids.expand(batch, -1)[:, 0] == 0)[:, None, None]  # (B, 1, 1)
+            states = [state.masked_fill(fresh, 0.0) for state in states]
+        return states
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         """An empty batch or an id outside the vocabulary is a clear ValueError, not an index error deep inside."""
@@ -680,9 +758,12 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        recurrent_states: tuple[torch.Tensor, ...] | None = None,
+        output_recurrent_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """`labels` are the input ids themselves (shifted inside); -100 marks positions to ignore."""
+    ) -> HybridRnnLmCausalLMOutput:
+        """`labels` are the input ids themselves (shifted inside); -100 marks positions to ignore. `recurrent_states`:
+        see `HybridRnnLmModel.forward` (carried state between consecutive blocks of a text)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -690,6 +771,8 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            recurrent_states=recurrent_states,
+            output_recurrent_states=output_recurrent_states,
             return_dict=True,
             **kwargs,
         )
@@ -697,12 +780,13 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return HybridRnnLmCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            recurrent_states=outputs.recurrent_states,
         )
 
 

@@ -74,13 +74,20 @@ def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: 
 
 
 @pytest.mark.xdist_group("resume-kill")
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop):
+@pytest.mark.parametrize(
+    ("stop", "carry_state"),
+    [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGKILL, True)],
+    ids=["SIGKILL", "SIGTERM", "SIGKILL-carry-state"],
+)
+def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop, carry_state):
     """SIGKILL: no handler, no cleanup, the process just stops. SIGTERM (what schedulers send): a checkpoint after
-    the current step, the resume command, exit 143."""
+    the current step, the resume command, exit 143. With --carry-state the recurrent state carried into the next
+    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS)."""
     corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
+    if carry_state:
+        options.update(dataset="python-docs", carry_state=True)
     run_training(*arguments_from_dict(options))
 
     killed_options = {**options, "output_dir": str(killed_dir)}

@@ -174,6 +174,16 @@ class TrainArguments:
         "PyTorch CPU threads per process; 0 = torch's default (one per core). Small recurrent models gain little "
         "from more threads and stall badly when cores are shared (threads wait for each other at every time step)",
     )
+    carry_state: bool = arg(
+        False,
+        "truncated backpropagation through time (hybrid only): each batch row reads the training split as one "
+        "contiguous stream, block after block, and the recurrent state after a step (detached) starts the next; the "
+        "state resets after every EOS (a new document). Evaluation then also reads the validation split as streams "
+        "with the state carried (val_stream_loss), and the best model is chosen on that",
+    )
+    carry_state_across_documents: bool = arg(
+        False, "with --carry-state: do not reset the state after an EOS (the stream runs on across documents)"
+    )
     report_to: str = arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
     log_steps: int = arg(10, "write a training-loss line to metrics.jsonl every this many steps")
     sample_prompt: str = arg("The ", "prompt of the text sample generated at the end")
@@ -200,6 +210,8 @@ class TrainArguments:
             raise UserError(f"--learning-rate must be > 0, got {self.learning_rate}; pick e.g. 1e-3")
         if not 0.0 <= self.min_lr_rate <= 1.0:
             raise UserError(f"--min-lr-rate must be in [0, 1], got {self.min_lr_rate}")
+        if self.carry_state_across_documents and not self.carry_state:
+            raise UserError("--carry-state-across-documents only applies with --carry-state; add --carry-state")
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("--max-steps and --epochs both given; pass only one of them")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -66,10 +66,16 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, limit: int, progress: dict
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    limit: int,
+    progress: dict,
+    save_process_state=None,
 ) -> Path:
     """Saves the full training state (accelerate's, plus the loop's `progress` as JSON) atomically, then keeps only
-    the newest `limit` checkpoints."""
+    the newest `limit` checkpoints. `save_process_state(folder, process_index)` adds each process's own files (the
+    carried recurrent state)."""
     root = checkpoints_root(output_dir)
     final = root / f"checkpoint-{step}"
     temporary = root / f"{_TEMPORARY_PREFIX}checkpoint-{step}"
@@ -78,6 +84,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
+    if save_process_state is not None:
+        save_process_state(temporary, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / PROGRESS_FILE).write_text(json.dumps(progress, indent=2) + "\n")

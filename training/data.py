@@ -574,6 +574,19 @@ def corpus_stats(tokenized: TokenizedCorpus) -> dict[str, dict]:
     return {name: asdict(stats) for name, stats in tokenized.stats.items()}
 
 
+def split_token_stream(split: Dataset, tokenizer) -> np.ndarray:
+    """The whole token stream of a split, as the blocks are cut from it (EOS after each document) but with nothing
+    dropped at the end: what streamed evaluation scores."""
+    eos_id = tokenizer.eos_token_id
+    pieces = []
+    for start in range(0, split.num_rows, 1000):
+        batch = split[start : start + 1000]
+        pieces += [
+            np.asarray(row, dtype=np.int64) for row in _tokenize_documents(batch, tokenizer, eos_id)["input_ids"]
+        ]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+
+
 def collate_blocks(examples: list[dict]) -> dict:
     """A batch of blocks as int64 tensors, `labels` = `input_ids` (the model shifts them; cross entropy wants int64)."""
     import torch

@@ -47,6 +47,11 @@ class EvalArguments:
     batch_size: int | None = arg(None, f"sequences per batch; unset = the run's, else {DEFAULT_BATCH_SIZE}")
     max_batches: int | None = arg(None, "evaluate only the first this many batches; unset or 0 = the whole split")
     output: str | None = arg(None, "also write the results as JSON to this file")
+    carry_state: bool = arg(
+        False,
+        "also read the split as streams with the recurrent state carried from block to block (hybrid models): every "
+        "token is scored, the last partial block included, as `hybrid-lm train --carry-state` evaluates",
+    )
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -117,14 +122,20 @@ def check_block_size(model, block_size: int) -> None:
 
 def evaluate_folder(args: EvalArguments) -> dict:
     """Loads the model and the data, runs the training loop's evaluation, returns the metrics."""
-    from training.data import collate_blocks, load_corpus, tokenize_corpus
+    from training.data import collate_blocks, load_corpus, split_token_stream, tokenize_corpus
     from training.loop import evaluate_model
+    from training.streams import evaluate_stream
     from training.train import load_metric
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     model_dir = Path(args.model).expanduser()
     settings = resolve_settings(args, model_dir)
     check_block_size(model, settings.block_size)
+    if args.carry_state and model.config.model_type != "hybrid_rnn_lm":
+        raise UserError(
+            f"--carry-state carries a recurrent state; {model_dir} holds a {model.config.model_type} model, which has "
+            "none: leave --carry-state out"
+        )
     corpus = load_corpus(
         settings.dataset,
         dataset_config=settings.dataset_config,
@@ -141,6 +152,22 @@ def evaluate_folder(args: EvalArguments) -> dict:
     stats = tokenized.stats[args.split]
     batches = tqdm(dataloader, desc=f"evaluating {args.split}", unit="batch", disable=not accelerator.is_main_process)
     metrics = evaluate_model(accelerator, model, batches, load_metric(accelerator), stats.characters_per_token)
+    streamed = None
+    if args.carry_state:
+        across = bool(read_training_args(model_dir).get("carry_state_across_documents", False))
+        stream = split_token_stream(corpus[args.split], tokenizer)
+        if args.max_batches:  # the tokens of the blocks scored above
+            stream = stream[: len(blocks) * settings.block_size]
+        streamed = evaluate_stream(
+            accelerator,
+            model,
+            stream,
+            block_size=settings.block_size,
+            rows=settings.batch_size,
+            eos_id=tokenizer.eos_token_id,
+            reset_documents=not across,
+            characters_per_token=stats.characters_per_token,
+        )
     return {
         "model": str(model_dir),
         "dataset": settings.dataset,
@@ -152,10 +179,13 @@ def evaluate_folder(args: EvalArguments) -> dict:
         "perplexity": metrics["val_perplexity"],
         "bits_per_token": metrics["val_bits_per_token"],
         "bits_per_character": metrics.get("val_bits_per_char"),
+        "stream": streamed,  # --carry-state: {loss, perplexity, bits_per_token, bits_per_character, tokens}
     }
 
 
 def markdown_table(results: dict) -> str:
+    if results.get("stream"):
+        return _stream_table(results)
     rows = [
         ("loss (nats/token)", f"{results['loss']:.6f}"),
         ("perplexity", f"{results['perplexity']:.4f}"),
@@ -170,6 +200,29 @@ def markdown_table(results: dict) -> str:
     title = f"{results['model']} on {results['dataset']} ({results['split']})"
     lines = [f"### {title}", "", "| metric | value |", "| --- | ---: |"]
     return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+
+
+def _stream_table(results: dict) -> str:
+    stream = results["stream"]
+
+    def bits(value):
+        return "n/a" if value is None else f"{value:.6f}"
+
+    rows = [
+        ("loss (nats/token)", f"{results['loss']:.6f}", f"{stream['loss']:.6f}"),
+        ("perplexity", f"{results['perplexity']:.4f}", f"{stream['perplexity']:.4f}"),
+        ("bits per token", f"{results['bits_per_token']:.6f}", f"{stream['bits_per_token']:.6f}"),
+        ("bits per character", bits(results["bits_per_character"]), bits(stream["bits_per_character"])),
+        ("tokens scored", f"{results['tokens_evaluated']:,}", f"{stream['tokens']:,}"),
+    ]
+    title = f"{results['model']} on {results['dataset']} ({results['split']})"
+    lines = [
+        f"### {title}",
+        "",
+        f"| metric | block by block ({results['blocks']} x {results['block_size']}) | streamed, state carried |",
+        "| --- | ---: | ---: |",
+    ]
+    return "\n".join(lines + [f"| {name} | {a} | {b} |" for name, a, b in rows])
 
 
 def write_json_atomically(path: str | Path, data: dict) -> None:

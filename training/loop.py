@@ -60,6 +60,9 @@ class LoopParts:
     tokens_per_step: int
     resumed: bool = False
     on_batch: Callable[[int, torch.Tensor], None] | None = None  # (step, input_ids) of every micro-batch
+    carried: object | None = None  # training.streams.CarriedState under --carry-state
+    carried_streams: object | None = None  # training.streams.CarriedStreams: the rows' contiguous streams
+    selection_metric: str = "val_loss"  # the evaluation number that picks the best model
     last_loss: float = field(default=math.nan)
     non_finite: str = ""  # what was not finite when the run stopped for it, in words
 
@@ -68,7 +71,12 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
     """Trains up to `max_steps` (or the time budget); returns why it stopped: max_steps, time_budget, early_stopping,
     interrupted, or non_finite_loss / _gradient / _evaluation / _weights (nothing written from that point on)."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
-    batches = batch_stream(parts.train_dataloader, accelerator, progress)
+    if parts.carried is not None:
+        from training.streams import carried_batch_stream
+
+        batches = carried_batch_stream(parts.carried_streams, progress, accelerator.device)
+    else:
+        batches = batch_stream(parts.train_dataloader, accelerator, progress)
     start_step = progress.step
     budget_seconds = None if args.max_train_minutes is None else 60.0 * args.max_train_minutes
     window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
@@ -107,12 +115,12 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                             **metrics,
                         }
                     )
-                    if not math.isfinite(metrics["val_loss"]):  # no best model, no checkpoint from these weights
-                        parts.non_finite = f"the validation loss is {metrics['val_loss']}"
+                    if not math.isfinite(metrics[parts.selection_metric]):  # no best model, no checkpoint
+                        parts.non_finite = f"the validation loss is {metrics[parts.selection_metric]}"
                         stop_reason = "non_finite_evaluation"
                         break
-                    if metrics["val_loss"] < progress.best_val_loss:
-                        progress.best_val_loss, progress.best_step = metrics["val_loss"], step
+                    if metrics[parts.selection_metric] < progress.best_val_loss:
+                        progress.best_val_loss, progress.best_step = metrics[parts.selection_metric], step
                         progress.evals_without_improvement = 0
                         parts.save_best_model()
                     else:
@@ -143,11 +151,15 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
             model.train()
             step_loss = torch.zeros((), device=accelerator.device)
             for _ in range(args.gradient_accumulation_steps):
-                input_ids = next(batches)["input_ids"]
+                batch = next(batches)
+                input_ids = batch["input_ids"]
                 if parts.on_batch is not None:
                     parts.on_batch(step, input_ids)
                 with accelerator.accumulate(model):
-                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    if parts.carried is None:
+                        loss = model(input_ids=input_ids, labels=input_ids).loss
+                    else:  # truncated BPTT: start from the state the previous micro-step of these rows ended in
+                        loss = _carried_step(model, batch, parts.carried)
                     accelerator.backward(loss)  # divided by the accumulation steps inside
                 step_loss += loss.detach() / args.gradient_accumulation_steps
             step_loss = accelerator.reduce(step_loss, reduction="mean")
@@ -195,6 +207,22 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
                 window_seconds = 0.0  # training time only: evaluation and checkpoints do not count
             bar.update(1)
     return stop_reason
+
+
+def _carried_step(model, batch: dict, carried) -> torch.Tensor:
+    from training.streams import detach_states
+
+    if batch["fresh"]:  # a new epoch: the streams start again from the beginning, from a zero state
+        carried.states = None
+    output = model(
+        input_ids=batch["input_ids"],
+        labels=batch["input_ids"],
+        position_ids=batch["position_ids"],  # restart at 0 after each EOS: the state resets there
+        recurrent_states=carried.states,
+        output_recurrent_states=True,
+    )
+    carried.states = detach_states(output.recurrent_states)
+    return output.loss
 
 
 UNBOUNDED_STEPS = 10**12  # max_steps of a run limited by --max-train-minutes alone

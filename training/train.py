@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{full.get('loss', results['best_val_loss']):.4f} nats/token on the full validation split, best at step "
         f"{results['best_step']}); model saved to {results['output_dir']}"
     )
+    stream = full.get("stream")
+    if stream is not None:
+        print(f"streamed, state carried: loss {stream['loss']:.4f} nats/token over all {stream['tokens']:,} tokens")
     if results.get("sample") is not None:
         print(f"sample:\n{results['sample']}")
     return 0
@@ -169,6 +172,11 @@ def run_training(
 def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     started = time.perf_counter()
     # Everything that can reject the input runs before the first file is written.
+    if train_args.carry_state and model_args.architecture != "hybrid":
+        raise UserError(
+            "--carry-state carries the recurrent state between blocks: only the hybrid architecture has one "
+            "(GPT-2's context is its block); drop --carry-state or use --architecture hybrid"
+        )
     check_model_fits(build_model_config(model_args, vocab_size=256, block_size=data_args.block_size), train_args)
     accelerator, output_dir = build_accelerator(train_args)
     resume_from = check_output_dir(output_dir, train_args)
@@ -178,7 +186,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         from training.data import load_whole_text
 
         load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
-    tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, resume_from)
+    tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, train_args, resume_from)
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
     init_embeddings = prepare_embeddings(model, tokenizer, model_args)
@@ -197,7 +205,18 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         load_checkpoint(accelerator, resume_from, output_dir, progress)
         progress.resumes.append({"step": progress.step, "changed": resume_changes})
 
-    max_steps = resolve_max_steps(train_args, len(train_dataloader))
+    carried, streams = None, None
+    if train_args.carry_state:
+        from training.streams import CarriedState, CarriedStreams
+
+        eos_id = None if train_args.carry_state_across_documents else tokenizer.eos_token_id
+        streams = CarriedStreams(
+            tokenized["train"], train_args.batch_size, accelerator.process_index, accelerator.num_processes, eos_id
+        )
+        carried = CarriedState()
+        if resume_from is not None:
+            carried.load(resume_from, accelerator.process_index, accelerator.device, train_args.batch_size)
+    max_steps = resolve_max_steps(train_args, streams.length if streams else len(train_dataloader))
     tokens_per_step = (
         train_args.batch_size
         * data_args.block_size
@@ -218,6 +237,18 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     def save_best_model() -> None:
         save_model_folder(accelerator, model, output_dir)
 
+    validation_stream = getattr(tokenized, "validation_stream", None)
+
+    def evaluate() -> dict:
+        metrics = evaluate_model(accelerator, model, val_dataloader, metric, characters_per_token)
+        if carried is not None:  # the validation split as streams, the state carried (the first blocks' tokens)
+            wanted = len(val_dataloader.dataset) * data_args.block_size if train_args.eval_batches else None
+            streamed = stream_scores(
+                accelerator, model, validation_stream[:wanted], data_args, train_args, tokenizer, characters_per_token
+            )
+            metrics.update({f"val_stream_{name}": value for name, value in streamed.items()})
+        return metrics
+
     interrupt = _InterruptFlag(accelerator)
     parts = LoopParts(
         accelerator=accelerator,
@@ -225,16 +256,24 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         optimizer=optimizer,
         train_dataloader=train_dataloader,
         lr_multiplier=lr_schedule(train_args, optimizer, max_steps),
-        evaluate=lambda: evaluate_model(accelerator, model, val_dataloader, metric, characters_per_token),
+        evaluate=evaluate,
         save_best_model=save_best_model,
         save_checkpoint=lambda step: save_checkpoint(
-            accelerator, output_dir, step, train_args.checkpoint_limit, progress.state_dict()
+            accelerator,
+            output_dir,
+            step,
+            train_args.checkpoint_limit,
+            progress.state_dict(),
+            save_process_state=None if carried is None else carried.save,
         ),
         log=log,
         stop_requested=interrupt.is_set,
         tokens_per_step=tokens_per_step,
         resumed=resume_from is not None,
         on_batch=on_batch,
+        carried=carried,
+        carried_streams=streams,
+        selection_metric="val_stream_loss" if carried is not None else "val_loss",
     )
     with interrupt.installed():
         stopped_reason = train_loop(parts, progress, train_args, max_steps)
@@ -292,6 +331,11 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             loader = DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate)
             full = evaluate_saved_model(accelerator, output_dir, loader, metric, characters_per_token)
         results["full_validation"] = {**full, "blocks": len(full_split)}
+        if carried is not None:  # the best model on the whole validation stream, every token, the state carried
+            best = load_saved_model(accelerator, output_dir)
+            results["full_validation"]["stream"] = stream_scores(
+                accelerator, best, validation_stream, data_args, train_args, tokenizer, characters_per_token
+            )
         if data_args.test_dataset is not None:
             results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
     if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
@@ -432,6 +476,8 @@ RUN_SHAPING_OPTIONS = (
     "gradient_accumulation_steps",
     "seed",
     "mixed_precision",
+    "carry_state",
+    "carry_state_across_documents",
 )
 # What a resume never records as a change: where the run is and how it was started.
 RESUME_BOOKKEEPING = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
@@ -490,9 +536,11 @@ def create_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArg
     accelerator.wait_for_everyone()
 
 
-def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArguments, resume_from: Path | None):
+def prepare_data(
+    accelerator, data_args: DataArguments, model_args: ModelArguments, train_args: TrainArguments, resume_from
+):
     """Corpus -> tokenizer (built, or reloaded from the run being resumed) -> fixed-length token blocks."""
-    from training.data import load_corpus, tokenize_corpus, training_texts
+    from training.data import load_corpus, split_token_stream, tokenize_corpus, training_texts
     from training.tokenization import build_tokenizer
 
     max_length = data_args.block_size if model_args.architecture == "gpt2" else max(1024, data_args.block_size)
@@ -520,6 +568,8 @@ def prepare_data(accelerator, data_args: DataArguments, model_args: ModelArgumen
         tokenized = tokenize_corpus(
             corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc, cache_dir=cache_dir
         )
+        if train_args.carry_state:  # streamed evaluation reads the whole validation stream, the last tokens included
+            tokenized.validation_stream = split_token_stream(corpus["validation"], tokenizer)
         if cache_dir is not None:
             logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
     validation = getattr(tokenized, "stats", {}).get("validation")
@@ -568,6 +618,30 @@ def _collate(examples: list[dict]) -> dict:
     from training.data import collate_blocks
 
     return {"input_ids": collate_blocks(examples)["input_ids"]}
+
+
+def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token) -> dict:
+    """Streamed evaluation (training.streams) with the run's block size, one row per batch row."""
+    from training.streams import evaluate_stream
+
+    return evaluate_stream(
+        accelerator,
+        model,
+        stream,
+        block_size=data_args.block_size,
+        rows=train_args.batch_size * accelerator.num_processes,
+        eos_id=tokenizer.eos_token_id,
+        reset_documents=not train_args.carry_state_across_documents,
+        characters_per_token=characters_per_token,
+    )
+
+
+def load_saved_model(accelerator: Accelerator, output_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(output_dir)
+    return accelerator.prepare_model(model, evaluation_mode=True)
 
 
 def evaluate_saved_model(

@@ -1,0 +1,176 @@
+"""Carried recurrent state: the model's recurrent_states, --carry-state training streams, streamed evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from tests.test_generate_cli import run_cli
+from tests.test_modeling import peaky_model, tiny_config
+from tests.test_train import real_text_file, single_thread, tiny_options  # noqa: F401
+from training.arguments import arguments_from_dict
+from training.data import load_corpus, split_token_stream, tokenize_corpus
+from training.errors import UserError
+from training.streams import document_position_ids, evaluate_stream
+from training.tokenization import build_tokenizer
+from training.train import run_training
+
+RNN_TYPES = ["rnn", "gru", "lstm", "mingru", "minlstm"]
+EOS = 2
+
+
+def carried_logits(model, ids: torch.Tensor, block: int, position_ids=None, starts=None) -> torch.Tensor:
+    """Logits of `ids` read `block` tokens at a time (or cut at `starts`), the recurrent state carried between the
+    pieces."""
+    states, pieces = None, []
+    edges = list(starts or range(0, ids.shape[1], block)) + [ids.shape[1]]
+    for start, end in zip(edges, edges[1:]):
+        kwargs = {} if position_ids is None else {"position_ids": position_ids[:, start:end]}
+        output = model(ids[:, start:end], recurrent_states=states, output_recurrent_states=True, **kwargs)
+        states = [state.detach() for state in output.recurrent_states]
+        pieces.append(output.logits)
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+@torch.no_grad()
+def test_carried_state_equals_one_forward_without_attention(rnn_type):
+    torch.manual_seed(0)
+    model = peaky_model(tiny_config(rnn_type, "no-attention", vocab_size=50)).eval()
+    ids = torch.randint(3, 50, (3, 41))
+    full = model(ids, use_cache=False).logits
+    assert (carried_logits(model, ids, block=16) - full).abs().max() <= 1e-5
+    # Without the carried state every piece starts from zeros: the carry is what makes them equal.
+    fresh = torch.cat([model(ids[:, s : s + 16], use_cache=False).logits for s in range(0, 41, 16)], dim=1)
+    assert (fresh - full).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+@torch.no_grad()
+def test_position_ids_restarting_at_zero_drop_the_carried_state(rnn_type, layout):
+    """Document A (10 tokens) then B (30), read as two forwards with the state carried and position_ids restarting
+    at B: B's logits equal B run alone; a row whose positions start at 0 drops its state. (Attention is not carried,
+    so the pieces are cut at the document boundary.)"""
+    torch.manual_seed(0)
+    model = peaky_model(tiny_config(rnn_type, layout, vocab_size=50)).eval()
+    ids = torch.randint(3, 50, (2, 40))
+    positions = torch.cat([torch.arange(10), torch.arange(30)])[None].expand(2, -1)
+    alone = torch.cat([model(ids[:, :10], use_cache=False).logits, model(ids[:, 10:], use_cache=False).logits], 1)
+    assert (carried_logits(model, ids, 0, position_ids=positions, starts=[0, 10]) - alone).abs().max() <= 1e-4
+    noise = [torch.randn_like(state) for state in model(ids[:, :3], output_recurrent_states=True).recurrent_states]
+    packed = model(ids, position_ids=positions, recurrent_states=noise).logits
+    assert (packed[:, 10:] - alone[:, 10:]).abs().max() <= 1e-4
+
+
+def test_recurrent_states_with_a_cache_or_a_wrong_shape_is_a_clear_error():
+    model = peaky_model(tiny_config("gru", "no-attention", vocab_size=50)).eval()
+    ids = torch.randint(3, 50, (2, 5))
+    states = model(ids, output_recurrent_states=True).recurrent_states
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, recurrent_states=states, use_cache=True)
+    with pytest.raises(ValueError, match=r"recurrent_states\[0\] has shape \(1, 1, 32\), expected \(2, 1, 32\)"):
+        model(ids, recurrent_states=[state[:1] for state in states])
+
+
+def test_document_positions_restart_after_every_eos():
+    ids = torch.tensor([[5, EOS, 7, 8, EOS, 9], [4, 4, 4, 4, 4, 4]])
+    positions = document_position_ids(ids, EOS, first_is_start=torch.tensor([False, True]))
+    assert positions.tolist() == [[1, 2, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --carry-state training
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_carried_streams_cover_the_training_split_in_order(tmp_path):
+    """Row i of micro-step k is block i * L + k: each row's batches, joined, are one contiguous run of the split's
+    token stream, and the rows tile it; a second epoch starts every row again."""
+    corpus = real_text_file(tmp_path / "data", 30_000)
+    options = tiny_options(tmp_path / "run", dataset=str(corpus), carry_state=True, max_steps=8)
+    options.update(gradient_accumulation_steps=2, batch_size=64, block_size=32)  # 13 blocks per row
+    seen = []
+    run_training(*arguments_from_dict(options), on_batch=lambda step, ids: seen.append(ids.clone()))
+    tokenizer = build_tokenizer(str(tmp_path / "run"))
+    blocks = tokenize_corpus(load_corpus(corpus), tokenizer, 32)["train"]
+    stream = np.asarray(blocks["input_ids"]).reshape(-1)
+    length = len(blocks) // 64
+    assert 2 <= length < 16  # the 16 micro-steps cross an epoch boundary
+    for row in range(64):
+        rebuilt = torch.cat([ids[row] for ids in seen[:length]]).numpy()
+        assert np.array_equal(rebuilt, stream[row * length * 32 : (row + 1) * length * 32]), row
+        assert torch.equal(seen[length][row], seen[0][row])  # the next epoch reads the same stream again
+
+
+def test_carry_state_run_reports_streamed_validation_on_every_token(tmp_path):
+    options = tiny_options(tmp_path / "run", carry_state=True, max_steps=4, eval_steps=2)
+    results = run_training(*arguments_from_dict(options))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [row for row in rows if "val_loss" in row]
+    assert all("val_stream_loss" in row for row in evaluations)
+    assert results["best_val_loss"] == min(row["val_stream_loss"] for row in evaluations)
+    tokenizer = build_tokenizer(str(tmp_path / "run"))
+    every_token = len(split_token_stream(load_corpus("python-docs")["validation"], tokenizer))
+    assert results["full_validation"]["stream"]["tokens"] == every_token  # the last partial block included
+
+
+def test_carry_state_is_refused_for_gpt2_before_anything_is_written(tmp_path):
+    options = tiny_options(tmp_path / "run", carry_state=True, architecture="gpt2", max_steps=2)
+    with pytest.raises(UserError, match="only the hybrid architecture has one"):
+        run_training(*arguments_from_dict(options))
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streamed evaluation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def direct_nll(model, stream: np.ndarray) -> float:
+    """Mean NLL of every token of `stream`, the text being one document after an EOS: the first token is predicted
+    from the EOS, the others from the document alone (one forward pass)."""
+    ids = torch.tensor([stream])
+    with torch.no_grad():
+        first = model(torch.tensor([[EOS]]), use_cache=False).logits[0, -1]
+        logits = model(ids, use_cache=False).logits[0, :-1]
+    return F.cross_entropy(torch.cat([first[None], logits]).float(), ids[0], reduction="mean").item()
+
+
+@pytest.mark.parametrize("layout", ["no-attention", "all-attention"])
+def test_streamed_evaluation_with_one_block_equals_one_forward_pass(layout):
+    torch.manual_seed(0)
+    model = peaky_model(tiny_config("gru", layout, vocab_size=50)).eval()
+    stream = np.random.default_rng(0).integers(3, 50, size=70)
+    result = evaluate_stream(Accelerator(cpu=True), model, stream, block_size=128, rows=1, eos_id=EOS)
+    assert result["tokens"] == 70
+    assert result["loss"] == pytest.approx(direct_nll(model, stream), abs=1e-5)
+
+
+def test_streamed_evaluation_in_small_blocks_equals_one_pass_without_attention():
+    torch.manual_seed(0)
+    model = peaky_model(tiny_config("mingru", "no-attention", vocab_size=50)).eval()
+    stream = np.random.default_rng(1).integers(3, 50, size=101)
+    result = evaluate_stream(Accelerator(cpu=True), model, stream, block_size=8, rows=1, eos_id=EOS)
+    assert result["tokens"] == 101
+    assert result["loss"] == pytest.approx(direct_nll(model, stream), abs=1e-5)
+    # Several rows: every token is still scored exactly once.
+    assert evaluate_stream(Accelerator(cpu=True), model, stream, block_size=8, rows=4, eos_id=EOS)["tokens"] == 101
+
+
+def test_eval_cli_carry_state_scores_every_token(tmp_path, capsys):
+    options = tiny_options(tmp_path / "run", max_steps=2)
+    run_training(*arguments_from_dict(options))
+    out = tmp_path / "eval.json"
+    code, printed, err = run_cli(
+        capsys, "eval", "--model", str(tmp_path / "run"), "--carry-state", "--output", str(out)
+    )
+    assert code == 0, err
+    assert "streamed, state carried" in printed
+    results = json.loads(out.read_text())
+    tokenizer = build_tokenizer(str(tmp_path / "run"))
+    assert results["stream"]["tokens"] == len(split_token_stream(load_corpus("python-docs")["validation"], tokenizer))
+    assert results["stream"]["tokens"] > results["tokens_evaluated"]

@@ -1,0 +1,229 @@
+"""Carried recurrent state: contiguous training streams (`--carry-state`) and streamed evaluation.
+
+Training (truncated backpropagation through time, as Zaremba et al. 2014 and AWD-LSTM train): the training split's
+blocks are dealt to the rows of the global batch as contiguous runs, so that row r reads blocks r*L, r*L + 1, ...
+(L = blocks // rows), one per micro-step; the recurrent state after one micro-step, detached, is the initial state of
+the next. Every process owns its own rows (disjoint streams), and an epoch is L micro-steps.
+
+Documents: after an EOS a new document starts. Its `position_ids` restart at 0, which the model reads as "reset the
+recurrent state here, and keep attention inside the document" (the packed-sequence convention of Hugging Face's
+padding-free training); `--carry-state-across-documents` leaves them out, so the state runs on through EOS.
+
+Evaluation: a split's whole token stream (the last partial block included), after one EOS (the token every document
+follows in training), is cut into `rows` contiguous parts read block by block with the state carried; every token is
+scored exactly once. A part other than the first starts `block_size` tokens early (those warm-up tokens are not scored),
+so every token has at least a block of history; with rows = 1 the text is one unbroken stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.errors import UserError
+
+
+def document_position_ids(input_ids: torch.Tensor, eos_id: int, first_is_start: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token in its document: 0 after every EOS (and at position 0 where `first_is_start`),
+    counting up from there; before a row's first start the positions continue from 1 (never 0), so that the model
+    keeps the carried state for that part."""
+    batch, length = input_ids.shape
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    starts[:, 0] = first_is_start
+    positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    last_start = torch.where(starts, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    return torch.where(last_start >= 0, positions - last_start, positions + 1)
+
+
+class CarriedStreams:
+    """The micro-batches of one process under --carry-state: row i of micro-step k is block `row * L + k`."""
+
+    def __init__(self, blocks, batch_size: int, process_index: int, num_processes: int, eos_id: int | None):
+        rows = batch_size * num_processes
+        self.length = len(blocks) // rows  # micro-steps per epoch
+        if self.length < 1:
+            raise UserError(
+                f"--carry-state needs at least one block per batch row: the training split has {len(blocks)} blocks "
+                f"for {rows} rows; lower --batch-size or --block-size, or use more data"
+            )
+        self.blocks = blocks.with_format("numpy")
+        self.rows = np.arange(process_index * batch_size, (process_index + 1) * batch_size)  # this process's rows
+        self.eos_id = eos_id  # None: no document resets (--carry-state-across-documents)
+
+    def block_indices(self, micro_step: int) -> np.ndarray:
+        return self.rows * self.length + micro_step
+
+    def batch(self, micro_step: int) -> dict:
+        """{"input_ids", "position_ids" (None without resets), "fresh": a new epoch, the carried state starts at 0}."""
+        input_ids = torch.as_tensor(self.blocks[self.block_indices(micro_step)]["input_ids"], dtype=torch.long)
+        batch = {"input_ids": input_ids, "position_ids": None, "fresh": micro_step == 0}
+        if self.eos_id is not None:
+            if micro_step == 0:
+                first_is_start = torch.ones(len(self.rows), dtype=torch.bool)
+            else:
+                previous = self.blocks[self.block_indices(micro_step - 1)]["input_ids"][:, -1]
+                first_is_start = torch.as_tensor(previous == self.eos_id)
+            batch["position_ids"] = document_position_ids(input_ids, self.eos_id, first_is_start)
+        return batch
+
+
+def carried_batch_stream(streams: CarriedStreams, progress, device):
+    """Endless micro-batches, epoch after epoch, from `progress`'s (epoch, batches_in_epoch) position."""
+    while True:
+        while progress.batches_in_epoch < streams.length:
+            batch = streams.batch(progress.batches_in_epoch)
+            progress.batches_in_epoch += 1
+            yield {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+def detach_states(states) -> list[torch.Tensor] | None:
+    return None if states is None else [state.detach() for state in states]
+
+
+class CarriedState:
+    """This process's carried recurrent state (one (B, S, H) tensor per block, or None at the start of an epoch);
+    saved with every checkpoint as `carried_state-<process>.safetensors` (tensors only, never a pickle)."""
+
+    def __init__(self):
+        self.states: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def file_name(process_index: int) -> str:
+        return f"carried_state-{process_index}.safetensors"
+
+    def save(self, folder, process_index: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = (
+            {} if self.states is None else {f"block.{i}": s.contiguous().cpu() for i, s in enumerate(self.states)}
+        )
+        save_file(tensors, str(folder / self.file_name(process_index)))
+
+    def load(self, folder, process_index: int, device, batch_size: int) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = folder / self.file_name(process_index)
+        if not path.is_file():
+            raise UserError(
+                f"{folder} holds no {path.name}: it was not saved by a --carry-state run with this many processes; "
+                "resume with the options and process count the run was trained with"
+            )
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path} cannot be read ({error}); resume from another checkpoint") from None
+        states = [tensors[f"block.{i}"] for i in range(len(tensors))] if tensors else None
+        if states is not None and states[0].shape[0] != batch_size:
+            raise UserError(
+                f"{path} carries {states[0].shape[0]} rows, not --batch-size {batch_size}; resume with the run's options"
+            )
+        self.states = states
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streamed evaluation
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamLayout:
+    """Where each row of a streamed evaluation reads and which of its tokens it scores."""
+
+    inputs: torch.Tensor  # (R, L) token ids fed to the model (right-padded with the prefix id)
+    targets: torch.Tensor  # (R, L) the token each position predicts
+    scored: torch.Tensor  # (R, L) bool: positions whose prediction counts (each token of the text exactly once)
+    document_starts: torch.Tensor  # (R, L) bool: positions right after an EOS (the prefix included)
+
+
+def stream_layout(stream: np.ndarray, rows: int, block_size: int, prefix_id: int, eos_id: int) -> StreamLayout:
+    """`stream` (N,) -> `rows` parts of [prefix] + stream, each scoring a contiguous ~N / rows of the N tokens."""
+    full = np.concatenate([[prefix_id], np.asarray(stream, dtype=np.int64)])  # full[i] predicts full[i + 1]
+    count = len(full) - 1
+    rows = max(1, min(rows, count))
+    share = math.ceil(count / rows)
+    parts = []
+    for row in range(rows):
+        first, end = row * share, min((row + 1) * share, count)  # the targets this row scores
+        if first >= end:
+            break
+        begin = max(0, first - block_size)  # warm-up: read, not scored
+        parts.append((begin, first, end))
+    width = max(end - begin for begin, _, end in parts)
+    inputs = np.full((len(parts), width), prefix_id, dtype=np.int64)
+    targets = np.zeros((len(parts), width), dtype=np.int64)
+    scored = np.zeros((len(parts), width), dtype=bool)
+    for row, (begin, first, end) in enumerate(parts):
+        inputs[row, : end - begin] = full[begin:end]
+        targets[row, : end - begin] = full[begin + 1 : end + 1]
+        scored[row, first - begin : end - begin] = True
+    inputs = torch.from_numpy(inputs)
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    starts[:, 0] = True  # every row starts from a zero state
+    return StreamLayout(inputs, torch.from_numpy(targets), torch.from_numpy(scored), starts)
+
+
+@torch.no_grad()
+def evaluate_stream(
+    accelerator,
+    model,
+    stream: np.ndarray,
+    *,
+    block_size: int,
+    rows: int,
+    eos_id: int,
+    reset_documents: bool = True,
+    characters_per_token: float | None = None,
+) -> dict:
+    """Loss, perplexity and bits of `stream` read as contiguous parts with the recurrent state carried between blocks.
+
+    Rows are shared out between processes; the sums are pooled. Returns the `language_modeling` metric's numbers
+    plus "tokens" (every token of the stream, scored once)."""
+    layout = stream_layout(stream, rows, block_size, prefix_id=eos_id, eos_id=eos_id)
+    mine = slice(accelerator.process_index, None, accelerator.num_processes)
+    inputs, targets, scored = layout.inputs[mine], layout.targets[mine], layout.scored[mine]
+    device = accelerator.device
+    was_training = model.training
+    model.eval()
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    states = None
+    for start in range(0, inputs.shape[1], block_size):
+        if len(inputs) == 0:
+            break
+        block = inputs[:, start : start + block_size].to(device)
+        kwargs = {}
+        if reset_documents:
+            kwargs["position_ids"] = document_position_ids(
+                block, eos_id, layout.document_starts[mine][:, start].to(device)
+            )
+        output = model(
+            input_ids=block, recurrent_states=states, output_recurrent_states=True, use_cache=False, **kwargs
+        )
+        states = detach_states(output.recurrent_states)
+        nll = F.cross_entropy(
+            output.logits.float().transpose(1, 2), targets[:, start : start + block_size].to(device), reduction="none"
+        )
+        mask = scored[:, start : start + block_size].to(device)
+        total_nll += (nll * mask).sum().double()
+        total_tokens += mask.sum().double()
+    model.train(was_training)
+    total_nll = accelerator.reduce(total_nll, reduction="sum")
+    total_tokens = accelerator.reduce(total_tokens, reduction="sum")
+    loss = (total_nll / total_tokens).item()
+    result = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_token": loss / math.log(2),
+        "bits_per_character": None if characters_per_token is None else loss / characters_per_token / math.log(2),
+        "tokens": int(total_tokens.item()),
+    }
+    return result
