@@ -79,6 +79,8 @@ class RunRecord:
     test_perplexity: float = math.nan
     test_oov_rate: float | None = None
     validation_oov_rate: float | None = None
+    full_val_loss: float = math.nan  # the best model on the whole validation split, block by block
+    stream_val_loss: float = math.nan  # ... read as streams with the recurrent state carried (hybrid runs)
 
 
 @dataclass
@@ -149,6 +151,8 @@ def read_run(folder: Path) -> RunRecord:
         test_perplexity=(results.get("test") or {}).get("perplexity", math.nan),
         test_oov_rate=(results.get("test") or {}).get("oov_rate"),
         validation_oov_rate=results.get("validation_oov_rate"),
+        full_val_loss=(results.get("full_validation") or {}).get("loss", math.nan),
+        stream_val_loss=((results.get("full_validation") or {}).get("stream") or {}).get("loss", math.nan),
     )
 
 
@@ -521,20 +525,24 @@ def _results_table(records: list[RunRecord]) -> list[str]:
         "best val loss | ppl | bits/char | final train loss | gap | changes |"
     )
     tested = any(math.isfinite(r.test_loss) for r in records)
-    columns = 17 + (2 if tested else 0)
+    streamed = any(math.isfinite(r.stream_val_loss) for r in records)
+    columns = 17 + (2 if tested else 0) + (2 if streamed else 0)
     if tested:
         header = header.replace("| bits/char |", "| bits/char | test loss | test ppl |")
+    if streamed:
+        header = header.replace("| best val loss |", "| best val loss | full split, blocks | full split, streamed |")
     lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * columns]
     for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
         test = f" {r.test_loss:.4f} | {r.test_perplexity:.2f} |" if tested else ""
+        full = f" {r.full_val_loss:.4f} | {_number(r.stream_val_loss)} |" if streamed else ""
         stopped = "" if r.stopped_reason == "max_steps" else f" (stopped: {r.stopped_reason})"
         lines.append(
             f"| {rank} | {r.run}{stopped} | {r.architecture} | {r.rnn_type or '-'} | "
             f"{r.hidden_size} x {r.num_hidden_layers} | {r.num_parameters:,} | "
             f"{r.num_non_embedding_parameters:,} | {r.tokens_per_second:,.0f} | {r.steps:,} | {r.wall_time_s / 60:.2f} | "
             f"{r.best_step} | "
-            f"{r.best_val_loss:.4f} | {r.val_perplexity:.3f} | {bits} |{test} {r.final_train_loss:.4f} | "
+            f"{r.best_val_loss:.4f} |{full} {r.val_perplexity:.3f} | {bits} |{test} {r.final_train_loss:.4f} | "
             f"{r.train_val_gap:+.4f} | {r.overrides or '(base config)'} |"
         )
     lines += [
@@ -549,6 +557,15 @@ def _results_table(records: list[RunRecord]) -> list[str]:
         "gap from pass to pass is what shows overfitting.",
         "",
     ]
+    if streamed:
+        lines += [
+            "full split, blocks / streamed: the best model on the whole validation split, cut into independent blocks "
+            "of the training block size (each block starts from a zero state; its first token is not scored), and read "
+            "as contiguous streams with the recurrent state carried from block to block (every token scored; attention "
+            "sees the current block). best val loss is what chose the best step: the streamed loss for --carry-state "
+            "runs, the block-wise one otherwise.",
+            "",
+        ]
     if tested:
         oov = sorted({f"{100 * r.test_oov_rate:.2f}%" for r in records if r.test_oov_rate is not None})
         lines += [
@@ -563,6 +580,10 @@ def _results_table(records: list[RunRecord]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "-"
 
 
 def _noise_section(noise: list[Noise]) -> list[str]:

@@ -16,6 +16,7 @@ A study file names a base training config and the runs to derive from it:
     seeds: [1337]                   # optional: every run is repeated with each seed (a variation may set its own)
     quick: {max_steps: 40, eval_steps: 20}   # overrides applied to every run by --quick
     scaling: true                   # optional: fit and plot best validation loss vs parameters (size studies)
+    keep_weights: true              # optional: keep each run's best model (checkpoints are always deleted)
 
 Every run goes through `training.train.run_training`, the code behind `hybrid-lm train`, into
 `<output-dir>/runs/<run>/`; model weights and checkpoints are deleted once its results are written, so the study
@@ -43,7 +44,18 @@ import yaml
 from training.arguments import ARGUMENT_CLASSES, ModelArguments, arguments_from_dict, arguments_to_dict
 from training.errors import UserError
 
-STUDY_KEYS = {"name", "description", "base", "grid", "group_by", "variations", "seeds", "quick", "scaling"}
+STUDY_KEYS = {
+    "name",
+    "description",
+    "base",
+    "grid",
+    "group_by",
+    "variations",
+    "seeds",
+    "quick",
+    "scaling",
+    "keep_weights",
+}
 VARIATION_KEYS = {"name", "group", "seeds"}  # every other key of a variation is a training option
 # The sweep decides where each run goes and that an unfinished run is redone: a study cannot set these.
 SWEEP_OWNED_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
@@ -78,6 +90,7 @@ class Study:
     seeds: list[int] | None
     quick: dict
     scaling: bool
+    keep_weights: bool = False  # keep each run's best model (e.g. for an analysis after the study); never checkpoints
 
 
 @dataclass
@@ -139,6 +152,7 @@ def load_study(path: str | os.PathLike) -> Study:
         seeds=_parse_seeds(content.get("seeds"), where),
         quick=quick,
         scaling=_parse_bool(content.get("scaling", False), f"{where}, scaling"),
+        keep_weights=_parse_bool(content.get("keep_weights", False), f"{where}, keep_weights"),
     )
 
 
@@ -371,15 +385,15 @@ def train_one(run: PlannedRun, status: str) -> dict:
     return run_training(*arguments_from_dict(options))
 
 
-def remove_weights(folder: Path) -> None:
-    """Weights and checkpoints are large and not part of a study's results."""
+def remove_weights(folder: Path, keep_model: bool = False) -> None:
+    """Weights and checkpoints are large and not part of a study's results (`keep_model`: the best model stays)."""
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    for pattern in WEIGHT_PATTERNS:
+    for pattern in () if keep_model else WEIGHT_PATTERNS:
         for file in folder.glob(pattern):
             file.unlink()
 
 
-def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
+def run_study(planned: list[PlannedRun], runs_dir: Path, log=print, keep_weights: bool = False) -> dict:
     """Runs every planned run that is not finished yet, one after another; returns counts for the summary line."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     # Run folders hold per-run logs only; the study's committed results are the report files beside them.
@@ -410,7 +424,7 @@ def run_study(planned: list[PlannedRun], runs_dir: Path, log=print) -> dict:
             raise
         elapsed = earlier + time.perf_counter() - started
         (folder / ATTEMPTS_RECORD).unlink(missing_ok=True)
-        remove_weights(folder)
+        remove_weights(folder, keep_model=keep_weights)
         measured = {
             "wall_time_s": elapsed,  # every attempt of the run, interrupted ones included
             "hardware": machine,
@@ -522,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _quiet_libraries():
-            counts = run_study(selected, runs_dir)
+            counts = run_study(selected, runs_dir, keep_weights=study.keep_weights)
     except TrainingInterrupted as stop:
         print(
             f"{stop}\nthe study stopped; run the same `hybrid-lm sweep` command again to continue it", file=sys.stderr

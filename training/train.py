@@ -331,7 +331,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             loader = DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate)
             full = evaluate_saved_model(accelerator, output_dir, loader, metric, characters_per_token)
         results["full_validation"] = {**full, "blocks": len(full_split)}
-        if carried is not None:  # the best model on the whole validation stream, every token, the state carried
+        if validation_stream is not None:  # the best model on the whole validation stream, the state carried
             best = load_saved_model(accelerator, output_dir)
             results["full_validation"]["stream"] = stream_scores(
                 accelerator, best, validation_stream, data_args, train_args, tokenizer, characters_per_token
@@ -568,7 +568,8 @@ def prepare_data(
         tokenized = tokenize_corpus(
             corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc, cache_dir=cache_dir
         )
-        if train_args.carry_state:  # streamed evaluation reads the whole validation stream, the last tokens included
+        if model_args.architecture == "hybrid" and hasattr(tokenized, "stats"):
+            # Streamed evaluation reads the whole validation stream, the last tokens included.
             tokenized.validation_stream = split_token_stream(corpus["validation"], tokenizer)
         if cache_dir is not None:
             logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
