@@ -96,3 +96,38 @@ def test_a_launch_that_silently_gives_single_processes_fails_loudly(tmp_path):
     assert errors and all("WORLD_SIZE=2 but this process trains alone" in line for line in errors)
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu" in errors[0]
     assert not output_dir.exists()
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_two_processes_carry_state_on_disjoint_contiguous_streams(tmp_path):
+    """--carry-state under DDP: process p owns rows p * B .. p * B + B - 1 of the global batch; row r reads blocks
+    r * L, r * L + 1, ...; each process checkpoints its own carried state; streamed evaluation pools both."""
+    import numpy as np
+
+    from training.data import load_corpus, split_token_stream, tokenize_corpus
+    from training.tokenization import build_tokenizer
+
+    output_dir = tmp_path / "run"
+    options = tiny_options(output_dir, max_steps=6, eval_steps=3, checkpoint_steps=3, carry_state=True)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    result = launch(["driver.py", json.dumps(options), str(tmp_path)], cwd=tmp_path, use_cpu=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    tokenizer = build_tokenizer(str(output_dir))
+    corpus = load_corpus("python-docs")
+    blocks = np.asarray(tokenize_corpus(corpus, tokenizer, options["block_size"])["train"]["input_ids"])
+    rows = options["batch_size"]
+    length = len(blocks) // (2 * rows)
+    for rank in (0, 1):
+        batches = json.loads((tmp_path / f"rank-{rank}.json").read_text())["batches"]
+        assert len(batches) == 6
+        for step, batch in enumerate(batches):
+            expected = blocks[(rank * rows + np.arange(rows)) * length + step]
+            assert np.array_equal(np.asarray(batch), expected), (rank, step)
+    checkpoint = output_dir / "checkpoints" / "checkpoint-6"
+    assert sorted(p.name for p in checkpoint.glob("carried_state-*")) == [
+        "carried_state-0.safetensors",
+        "carried_state-1.safetensors",
+    ]
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["full_validation"]["stream"]["tokens"] == len(split_token_stream(corpus["validation"], tokenizer))
