@@ -75,19 +75,33 @@ def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: 
 
 @pytest.mark.xdist_group("resume-kill")
 @pytest.mark.parametrize(
-    ("stop", "carry_state"),
-    [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGKILL, True)],
-    ids=["SIGKILL", "SIGTERM", "SIGKILL-carry-state"],
+    ("stop", "variant"),
+    [
+        (signal.SIGKILL, None),
+        (signal.SIGTERM, None),
+        (signal.SIGKILL, "carry-state"),
+        (signal.SIGKILL, "streaming"),
+        (signal.SIGKILL, "streaming-carry-state"),
+    ],
+    ids=["SIGKILL", "SIGTERM", "SIGKILL-carry-state", "SIGKILL-streaming", "SIGKILL-streaming-carry-state"],
 )
-def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop, carry_state):
+def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop, variant):
     """SIGKILL: no handler, no cleanup, the process just stops. SIGTERM (what schedulers send): a checkpoint after
     the current step, the resume command, exit 143. With --carry-state the recurrent state carried into the next
-    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS)."""
+    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS);
+    with --streaming the data position is replayed from the stream (shuffle buffer included)."""
     corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
-    if carry_state:
+    if variant == "carry-state":
         options.update(dataset="python-docs", carry_state=True)
+    elif variant is not None:  # a folder of documents, read lazily; small, so that the streams cross epochs
+        folder = tmp_path / "documents"
+        folder.mkdir()
+        text = real_text_file(tmp_path / "source", 24 * 400).read_text()
+        for index in range(24):  # ~270 training blocks: the 128 micro-batches cross epochs
+            (folder / f"doc{index:02d}.txt").write_text(text[400 * index : 400 * (index + 1)])
+        options.update(dataset=str(folder), streaming=True, carry_state=variant == "streaming-carry-state")
     run_training(*arguments_from_dict(options))
 
     killed_options = {**options, "output_dir": str(killed_dir)}

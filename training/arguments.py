@@ -121,6 +121,12 @@ class DataArguments:
     )
     block_size: int = arg(128, "tokens per training sequence")
     num_proc: int = arg(1, "processes used to tokenize the corpus")
+    streaming: bool = arg(
+        False,
+        "read the corpus lazily (a local folder or glob of files, or a Hub dataset), never holding the training split "
+        "in memory: blocks are cut as the text streams by and shuffled through a buffer; needs --max-steps or "
+        "--max-train-minutes. The tokenizer (unless a saved one is given) is trained in one pass over the stream",
+    )
     cache_dir: str | None = arg(
         None,
         "folder caching tokenized blocks, keyed by corpus, tokenizer and block size, so a second run skips "

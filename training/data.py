@@ -467,8 +467,14 @@ def _utf8_error(path: Path, offset: int, reason: str, byte: int) -> UserError:
     )
 
 
-def training_texts(split: Split, batch_size: int = 1000) -> Iterator[str]:
+# Documents per batch when a split is read lazily: memory holds this many documents (and their token lists) at once.
+STREAM_BATCH_DOCUMENTS = 16
+
+
+def training_texts(split: Split, batch_size: int | None = None) -> Iterator[str]:
     """The texts of a split, one at a time, for training a tokenizer (works streaming and not)."""
+    if batch_size is None:
+        batch_size = STREAM_BATCH_DOCUMENTS if isinstance(split, IterableDataset) else 1000
     for batch in split.iter(batch_size=batch_size):
         yield from (text for text in batch["text"] if text)
 
@@ -736,6 +742,7 @@ def _stream_blocks(split: IterableDataset, job: _TokenizeJob) -> IterableDataset
         _tokenize_documents,
         fn_kwargs={"tokenizer": job.tokenizer, "eos_id": job.eos_id},
         batched=True,
+        batch_size=STREAM_BATCH_DOCUMENTS,
         remove_columns=["text"],
     )
     return IterableDataset.from_generator(
@@ -747,7 +754,7 @@ def _stream_blocks(split: IterableDataset, job: _TokenizeJob) -> IterableDataset
 
 def _cut_stream(documents: IterableDataset, block_size: int) -> Iterator[dict]:
     pending = np.empty(0, dtype=np.int32)  # tokens after the last full block
-    for batch in documents.iter(batch_size=256):
+    for batch in documents.iter(batch_size=STREAM_BATCH_DOCUMENTS):
         stream = np.concatenate([pending, *(np.asarray(row, dtype=np.int32) for row in batch["input_ids"])])
         full = len(stream) // block_size * block_size
         for start in range(0, full, block_size):

@@ -61,7 +61,7 @@ class LoopParts:
     resumed: bool = False
     on_batch: Callable[[int, torch.Tensor], None] | None = None  # (step, input_ids) of every micro-batch
     carried: object | None = None  # training.streams.CarriedState under --carry-state
-    carried_streams: object | None = None  # training.streams.CarriedStreams: the rows' contiguous streams
+    batches: Iterator[dict] | None = None  # micro-batches read by the caller (--carry-state, --streaming)
     selection_metric: str = "val_loss"  # the evaluation number that picks the best model
     last_loss: float = field(default=math.nan)
     non_finite: str = ""  # what was not finite when the run stopped for it, in words
@@ -71,12 +71,7 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
     """Trains up to `max_steps` (or the time budget); returns why it stopped: max_steps, time_budget, early_stopping,
     interrupted, or non_finite_loss / _gradient / _evaluation / _weights (nothing written from that point on)."""
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
-    if parts.carried is not None:
-        from training.streams import carried_batch_stream
-
-        batches = carried_batch_stream(parts.carried_streams, progress, accelerator.device)
-    else:
-        batches = batch_stream(parts.train_dataloader, accelerator, progress)
+    batches = parts.batches or batch_stream(parts.train_dataloader, accelerator, progress)
     start_step = progress.step
     budget_seconds = None if args.max_train_minutes is None else 60.0 * args.max_train_minutes
     window_seconds = 0.0  # training time only: evaluation and checkpoints do not count

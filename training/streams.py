@@ -227,3 +227,106 @@ def evaluate_stream(
         "tokens": int(total_tokens.item()),
     }
     return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --streaming: training data read lazily, never held in memory
+# ------------------------------------------------------------------------------------------------------------
+
+SHUFFLE_BUFFER_BLOCKS = 2048  # blocks held for shuffling a streamed corpus (datasets' buffer shuffle)
+
+
+def streamed_block_batches(blocks, batch_size: int, seed: int, process_index: int, num_processes: int, progress):
+    """Endless shuffled micro-batches of a streamed block dataset: this process's share (split_dataset_by_node),
+    shuffled through a buffer with seed + epoch, from `progress`'s position. A resume reads the epoch again up to
+    that position (time, not memory), so it continues exactly where the interrupted run was."""
+    from datasets.distributed import split_dataset_by_node
+
+    mine = split_dataset_by_node(blocks, rank=process_index, world_size=num_processes)
+    while True:
+        shuffled = mine.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_BLOCKS)
+        shuffled.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch * batch_size
+        rows = shuffled.skip(skip) if skip else shuffled
+        yielded = False
+        for batch in rows.iter(batch_size=batch_size, drop_last_batch=True):
+            progress.batches_in_epoch += 1
+            yielded = True
+            yield {"input_ids": torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)}
+        if not yielded and progress.batches_in_epoch == 0:
+            raise UserError(
+                f"the streamed training split has fewer than {batch_size} blocks per process; lower --batch-size or "
+                "--block-size, or use more data"
+            )
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+class _RowBuffers:
+    """Per-row token queues of streamed_row_batches: whole documents in, (B, block) blocks out."""
+
+    def __init__(self, rows: int, block_size: int, eos_id: int, reset_documents: bool):
+        self.waiting = [np.empty(0, dtype=np.int64) for _ in range(rows)]
+        self.last_token = np.full(rows, eos_id)  # every row starts with a document
+        self.block_size, self.eos_id, self.reset_documents = block_size, eos_id, reset_documents
+        self.produced = 0
+
+    def add(self, document: list[int]) -> None:
+        shortest = min(range(len(self.waiting)), key=lambda index: len(self.waiting[index]))
+        self.waiting[shortest] = np.concatenate([self.waiting[shortest], np.asarray(document, dtype=np.int64)])
+
+    def ready(self) -> bool:
+        return all(len(row) >= self.block_size for row in self.waiting)
+
+    def take(self) -> dict:
+        size = self.block_size
+        input_ids = torch.as_tensor(np.stack([row[:size] for row in self.waiting]), dtype=torch.long)
+        first_is_start = torch.as_tensor(self.last_token == self.eos_id)
+        self.last_token = np.array([row[size - 1] for row in self.waiting])
+        self.waiting = [row[size:] for row in self.waiting]
+        position_ids = None
+        if self.reset_documents:
+            position_ids = document_position_ids(input_ids, self.eos_id, first_is_start)
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "fresh": self.produced == 0}
+        self.produced += 1
+        return batch
+
+
+def streamed_row_batches(
+    documents,
+    tokenizer,
+    block_size: int,
+    batch_size: int,
+    process_index: int,
+    num_processes: int,
+    reset_documents: bool,
+    progress,
+):
+    """--streaming --carry-state: this process's documents (split_dataset_by_node) dealt to its `batch_size` rows,
+    each next document to the row with the fewest tokens waiting, so that every row is one contiguous stream of whole
+    documents; a micro-batch is the next block of every row. An epoch ends when the documents run out. Deterministic,
+    so a resume replays the epoch up to its position (time, not memory)."""
+    from datasets.distributed import split_dataset_by_node
+
+    from training.data import STREAM_BATCH_DOCUMENTS, _tokenize_documents
+
+    mine = split_dataset_by_node(documents, rank=process_index, world_size=num_processes)
+    eos_id = tokenizer.eos_token_id
+    while True:
+        rows = _RowBuffers(batch_size, block_size, eos_id, reset_documents)
+        for texts in mine.iter(batch_size=STREAM_BATCH_DOCUMENTS):
+            for document in _tokenize_documents(texts, tokenizer, eos_id)["input_ids"]:
+                if document:
+                    rows.add(document)
+                while rows.ready():
+                    batch = rows.take()
+                    if rows.produced > progress.batches_in_epoch:  # a resume skips what the run already trained on
+                        progress.batches_in_epoch += 1
+                        yield batch
+        if rows.produced == 0:
+            raise UserError(
+                f"the streamed training split is too small for {batch_size} rows of {block_size} tokens per process; "
+                "lower --batch-size or --block-size, or use more data"
+            )
+        progress.epoch += 1
+        progress.batches_in_epoch = 0

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     full = results.get("full_validation") or {}
     print(
         f"\nvalidation perplexity {full.get('perplexity', results['val_perplexity']):.3f} (loss "
-        f"{full.get('loss', results['best_val_loss']):.4f} nats/token on the full validation split, best at step "
+        f"{full.get('loss', results['best_val_loss']):.4f} nats/token on the "
+        f"{'full validation split' if full.get('whole_split', True) else 'first --eval-batches validation batches'}, "
+        "best at step "
         f"{results['best_step']}); model saved to {results['output_dir']}"
     )
     stream = full.get("stream")
@@ -177,6 +179,10 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             "--carry-state carries the recurrent state between blocks: only the hybrid architecture has one "
             "(GPT-2's context is its block); drop --carry-state or use --architecture hybrid"
         )
+    if data_args.streaming and train_args.max_steps is None and train_args.max_train_minutes is None:
+        raise UserError(
+            "--streaming reads a corpus of unknown length: give --max-steps or --max-train-minutes (not --epochs)"
+        )
     check_model_fits(build_model_config(model_args, vocab_size=256, block_size=data_args.block_size), train_args)
     accelerator, output_dir = build_accelerator(train_args)
     resume_from = check_output_dir(output_dir, train_args)
@@ -197,26 +203,28 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         write_arguments_yaml(output_dir / "training_args.yaml", model_args, data_args, used)
         tokenizer.save_pretrained(output_dir)
     optimizer = build_optimizer(model, train_args)
-    model, optimizer, train_dataloader, val_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, val_dataloader
-    )
+    if train_dataloader is None:  # --streaming: the loop reads the training split itself
+        model, optimizer, val_dataloader = accelerator.prepare(model, optimizer, val_dataloader)
+    else:
+        model, optimizer, train_dataloader, val_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, val_dataloader
+        )
     progress = TrainingProgress()
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, output_dir, progress)
         progress.resumes.append({"step": progress.step, "changed": resume_changes})
 
-    carried, streams = None, None
+    carried = None
     if train_args.carry_state:
-        from training.streams import CarriedState, CarriedStreams
+        from training.streams import CarriedState
 
-        eos_id = None if train_args.carry_state_across_documents else tokenizer.eos_token_id
-        streams = CarriedStreams(
-            tokenized["train"], train_args.batch_size, accelerator.process_index, accelerator.num_processes, eos_id
-        )
         carried = CarriedState()
         if resume_from is not None:
             carried.load(resume_from, accelerator.process_index, accelerator.device, train_args.batch_size)
-    max_steps = resolve_max_steps(train_args, streams.length if streams else len(train_dataloader))
+    batches, batches_per_epoch = training_batches(
+        tokenized, tokenizer, data_args, train_args, accelerator, progress, train_dataloader
+    )
+    max_steps = resolve_max_steps(train_args, batches_per_epoch)
     tokens_per_step = (
         train_args.batch_size
         * data_args.block_size
@@ -272,7 +280,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         resumed=resume_from is not None,
         on_batch=on_batch,
         carried=carried,
-        carried_streams=streams,
+        batches=batches,
         selection_metric="val_stream_loss" if carried is not None else "val_loss",
     )
     with interrupt.installed():
@@ -330,7 +338,9 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         ):
             loader = DataLoader(full_split, batch_size=train_args.batch_size, collate_fn=_collate)
             full = evaluate_saved_model(accelerator, output_dir, loader, metric, characters_per_token)
-        results["full_validation"] = {**full, "blocks": len(full_split)}
+        # --streaming holds only the first --eval-batches batches of the validation split (all of it with 0).
+        whole = not data_args.streaming or not train_args.eval_batches
+        results["full_validation"] = {**full, "blocks": len(full_split), "whole_split": whole}
         if validation_stream is not None:  # the best model on the whole validation stream, the state carried
             best = load_saved_model(accelerator, output_dir)
             results["full_validation"]["stream"] = stream_scores(
@@ -478,6 +488,7 @@ RUN_SHAPING_OPTIONS = (
     "mixed_precision",
     "carry_state",
     "carry_state_across_documents",
+    "streaming",
 )
 # What a resume never records as a change: where the run is and how it was started.
 RESUME_BOOKKEEPING = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint")
@@ -552,6 +563,7 @@ def prepare_data(
             dataset_config=data_args.dataset_config,
             text_column=data_args.text_column,
             validation_fraction=data_args.validation_fraction,
+            streaming=data_args.streaming,
         )
         if saved_tokenizer is not None and (saved_tokenizer / "tokenizer_config.json").is_file():
             tokenizer = build_tokenizer(str(saved_tokenizer), model_max_length=max_length)
@@ -564,14 +576,16 @@ def prepare_data(
                 min_frequency=data_args.min_frequency,
                 lowercase=data_args.lowercase,
             )
-        cache_dir = block_cache_dir(data_args.cache_dir)
+        cache_dir = None if data_args.streaming else block_cache_dir(data_args.cache_dir)
         tokenized = tokenize_corpus(
             corpus, tokenizer, data_args.block_size, num_proc=data_args.num_proc, cache_dir=cache_dir
         )
-        if model_args.architecture == "hybrid" and hasattr(tokenized, "stats"):
+        if data_args.streaming:
+            tokenized = streamed_splits(corpus, tokenized, data_args, train_args, accelerator.num_processes)
+        if model_args.architecture == "hybrid" and not data_args.streaming:
             # Streamed evaluation reads the whole validation stream, the last tokens included.
             tokenized.validation_stream = split_token_stream(corpus["validation"], tokenizer)
-        if cache_dir is not None:
+        if cache_dir is not None and hasattr(tokenized, "cache_hit"):
             logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
     validation = getattr(tokenized, "stats", {}).get("validation")
     if accelerator.is_main_process and validation is not None and tokenizer.unk_token_id is not None:
@@ -585,6 +599,30 @@ def prepare_data(
     return tokenizer, tokenized
 
 
+class StreamedSplits(dict):
+    """--streaming: "train" stays a lazy IterableDataset of blocks; "validation" (read at every evaluation) is held
+    in memory: its first --eval-batches batches, or all of it. `documents`: the lazy training documents (for
+    --carry-state rows); `validation_stream`: the validation tokens for streamed evaluation."""
+
+
+def streamed_splits(corpus, tokenized, data_args, train_args, num_processes: int) -> StreamedSplits:
+    import numpy as np
+    from datasets import Dataset
+
+    wanted = train_args.eval_batches * train_args.batch_size * num_processes if train_args.eval_batches else None
+    validation = tokenized["validation"] if wanted is None else tokenized["validation"].take(wanted)
+    rows = [example["input_ids"] for example in validation]
+    if not rows:
+        raise UserError(
+            f"the streamed validation split has no block of {data_args.block_size} tokens; lower --block-size or give "
+            "more validation data"
+        )
+    splits = StreamedSplits(train=tokenized["train"], validation=Dataset.from_dict({"input_ids": rows}))
+    splits.documents = corpus["train"]
+    splits.validation_stream = np.asarray(rows, dtype=np.int64).reshape(-1)
+    return splits
+
+
 def block_cache_dir(option: str | None) -> Path | None:
     """--cache-dir: unset = the user cache folder, `none` = no cache."""
     if option is not None:
@@ -592,8 +630,42 @@ def block_cache_dir(option: str | None) -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybrid-lm" / "blocks"
 
 
-def build_dataloaders(tokenized, args: TrainArguments, num_processes: int) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training batches (whole batches only) and the fixed evaluation batches."""
+def training_batches(tokenized, tokenizer, data_args, train_args, accelerator, progress, train_dataloader):
+    """(micro-batch iterator or None for the loop's shuffled dataloader, micro-batches per epoch or None if unknown)
+    for the four ways of reading the training split: shuffled blocks or contiguous rows (--carry-state), from memory
+    or streamed (--streaming)."""
+    from training.streams import (
+        CarriedStreams,
+        carried_batch_stream,
+        streamed_block_batches,
+        streamed_row_batches,
+    )
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    reset_documents = not train_args.carry_state_across_documents
+    if data_args.streaming:
+        if train_args.carry_state:
+            batches = streamed_row_batches(
+                tokenized.documents, tokenizer, data_args.block_size, train_args.batch_size, rank, world,
+                reset_documents, progress,
+            )  # fmt: skip
+        else:
+            batches = streamed_block_batches(
+                tokenized["train"], train_args.batch_size, train_args.seed, rank, world, progress
+            )
+        return ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches), None
+    if train_args.carry_state:
+        eos_id = tokenizer.eos_token_id if reset_documents else None
+        streams = CarriedStreams(tokenized["train"], train_args.batch_size, rank, world, eos_id)
+        return carried_batch_stream(streams, progress, device), streams.length
+    return None, len(train_dataloader)
+
+
+def build_dataloaders(tokenized, args: TrainArguments, num_processes: int) -> tuple[DataLoader | None, DataLoader]:
+    """Shuffled training batches (whole batches only; None for a streamed corpus, which the loop reads itself) and
+    the fixed evaluation batches."""
+    if not hasattr(tokenized, "stats"):  # streamed: validation blocks were read into memory by prepare_data
+        return None, DataLoader(tokenized["validation"], batch_size=args.batch_size, collate_fn=_collate)
     train = tokenized["train"]
     if len(train) < args.batch_size * num_processes:
         raise UserError(
@@ -830,7 +902,7 @@ def lr_schedule(args: TrainArguments, optimizer, max_steps: int) -> Callable[[in
     return multiplier
 
 
-def resolve_max_steps(args: TrainArguments, batches_per_epoch: int) -> int:
+def resolve_max_steps(args: TrainArguments, batches_per_epoch: int | None) -> int:
     if args.max_steps is not None:
         return args.max_steps
     if args.epochs is not None:

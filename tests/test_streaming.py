@@ -1,0 +1,64 @@
+"""--streaming: a corpus that is never held in memory trains like any other, with flat memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import REPO_ROOT, as_flags, real_text_file, tiny_options
+
+# Runs `hybrid-lm train` in a fresh process and reports its peak resident memory (Linux: kilobytes).
+DRIVER = textwrap.dedent(
+    """
+    import json, resource, sys
+    from training.cli import main
+
+    code = main(["train", *json.loads(sys.argv[1])])
+    print(json.dumps({"code": code, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def write_corpus(folder: Path, megabytes: int) -> Path:
+    """`megabytes` of real prose and code in 100 KB files (one document each)."""
+    text = real_text_file(folder.parent / "source", 100_000).read_text()
+    folder.mkdir(parents=True)
+    for index in range(megabytes * 10):
+        (folder / f"part-{index:04d}.txt").write_text(text[index % 1000 :] + text[: index % 1000])
+    return folder
+
+
+def peak_memory_mb(tmp_path: Path, corpus: Path, name: str, **options) -> tuple[float, dict]:
+    output = tmp_path / name
+    flags = as_flags(tiny_options(output, dataset=str(corpus), streaming=True, max_steps=20, eval_batches=2, **options))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps([*flags, "--checkpoint-steps", "0"])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, result.stderr[-3000:]
+    return report["peak_kb"] / 1024, json.loads((output / "results.json").read_text())
+
+
+@pytest.mark.xdist_group("memory")
+@pytest.mark.parametrize("carry_state", [False, True], ids=["blocks", "carry-state"])
+def test_memory_stays_flat_when_the_corpus_grows_fourfold(tmp_path, carry_state):
+    """5 MB and 20 MB of text: as token ids in memory the larger would need 60 MB (int32) more than the smaller; a
+    streamed run reads both in one pass (tokenizer, then training) and its peak memory does not follow the corpus."""
+    small = write_corpus(tmp_path / "small", 5)
+    large = write_corpus(tmp_path / "large", 20)
+    small_mb, small_results = peak_memory_mb(tmp_path, small, "run-small", carry_state=carry_state)
+    large_mb, large_results = peak_memory_mb(tmp_path, large, "run-large", carry_state=carry_state)
+    assert small_results["steps"] == large_results["steps"] == 20
+    assert large_mb - small_mb < 16, (small_mb, large_mb)
+    print(f"peak memory: {small_mb:.0f} MB (5 MB corpus), {large_mb:.0f} MB (20 MB corpus)")
