@@ -381,13 +381,13 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_files
     options = tiny_options(folder, max_steps=8, eval_steps=2, checkpoint_steps=2)
     original, saves = training.train.save_checkpoint, []
 
-    def save_until_the_disk_is_full(accelerator, output_dir, step, *args):
+    def save_until_the_disk_is_full(accelerator, output_dir, step, *args, **kwargs):
         saves.append(step)
         if step == 4:
             raise OSError(
                 errno.ENOSPC, "No space left on device", str(output_dir / "checkpoints" / ".tmp-checkpoint-4")
             )
-        return original(accelerator, output_dir, step, *args)
+        return original(accelerator, output_dir, step, *args, **kwargs)
 
     monkeypatch.setattr(training.train, "save_checkpoint", save_until_the_disk_is_full)
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]

@@ -261,8 +261,8 @@ def test_a_changed_study_does_not_reuse_stale_runs(swept, tmp_path, capsys, monk
     [
         pytest.param(
             {"colour": "blue"},
-            "study file {path} has unknown key(s) colour; valid keys are base, description, grid, group_by, name, "
-            "quick, scaling, seeds, variations",
+            "study file {path} has unknown key(s) colour; valid keys are base, description, grid, group_by, "
+            "keep_weights, name, quick, scaling, seeds, variations",
             id="unknown-study-key",
         ),
         pytest.param(
