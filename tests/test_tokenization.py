@@ -115,13 +115,13 @@ def test_summary_names_kind_and_special_ids(char_tokenizer, bpe_tokenizer):
         "vocab_size": len(char_tokenizer),
         "model_max_length": 256,
         "pad_token_id": 0,
-        "bos_token_id": 1,
+        "bos_token_id": 2,  # BOS is EOS (GPT-2's convention): the token every document follows in training
         "eos_token_id": 2,
         "unk_token_id": 3,
     }
     summary = tokenizer_summary(bpe_tokenizer)
     assert (summary["kind"], summary["vocab_size"], summary["unk_token_id"]) == ("bpe", 400, None)
-    assert [summary[f"{name}_token_id"] for name in ("pad", "bos", "eos")] == [0, 1, 2]
+    assert [summary[f"{name}_token_id"] for name in ("pad", "bos", "eos")] == [0, 2, 2]
 
 
 def test_bpe_vocab_size_too_small_names_the_minimum():

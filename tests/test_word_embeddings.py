@@ -222,7 +222,7 @@ def test_inspect_neighbours_equal_a_direct_cosine_computation(tmp_path, capsys, 
     summary = json.loads((out / "summary.json").read_text())
 
     weight = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach().float(), dim=-1)
-    special = set(tokenizer.all_special_ids)
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
     for query in queries:
         index = tokenizer.convert_tokens_to_ids(query)
         similarity = {i: float(weight[i] @ weight[index]) for i in range(len(tokenizer)) if i not in special | {index}}

@@ -122,6 +122,7 @@ def initialise_embeddings(model: torch.nn.Module, tokenizer, path: str | Path) -
     embeddings share them); returns {file, found, vocabulary} (special tokens are not looked up) for the log."""
     embedding = model.get_input_embeddings()
     specials = set(tokenizer.all_special_tokens)
+    specials |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
     vocabulary = {token: index for token, index in tokenizer.get_vocab().items() if token not in specials}
     vectors = read_word_vectors(path, vocabulary, embedding.weight.shape[1])
     if vectors:

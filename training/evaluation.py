@@ -154,7 +154,10 @@ def evaluate_folder(args: EvalArguments) -> dict:
     metrics = evaluate_model(accelerator, model, batches, load_metric(accelerator), stats.characters_per_token)
     streamed = None
     if args.carry_state:
-        across = bool(read_training_args(model_dir).get("carry_state_across_documents", False))
+        # The state resets after an EOS only for a model trained that way (--carry-state); block-wise training runs
+        # the state straight through the EOS between documents, and so does this reading.
+        run = read_training_args(model_dir)
+        reset = bool(run.get("carry_state", False)) and not bool(run.get("carry_state_across_documents", False))
         stream = split_token_stream(corpus[args.split], tokenizer)
         if args.max_batches:  # the tokens of the blocks scored above
             stream = stream[: len(blocks) * settings.block_size]
@@ -165,7 +168,7 @@ def evaluate_folder(args: EvalArguments) -> dict:
             block_size=settings.block_size,
             rows=settings.batch_size,
             eos_id=tokenizer.eos_token_id,
-            reset_documents=not across,
+            reset_documents=reset,
             characters_per_token=stats.characters_per_token,
         )
     return {

@@ -394,6 +394,7 @@ def inspect_text(
 
     embeddings = model.get_input_embeddings().weight.detach().cpu()
     special = set(tokenizer.all_special_ids)
+    special |= {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
     for word, index in word_ids.items():
         found = nearest_neighbours(embeddings, index, neighbours, special - {index})
         result.neighbours[word] = [(tokenizer.convert_ids_to_tokens(i), similarity) for i, similarity in found]

@@ -71,7 +71,10 @@ def build_tokenizer(
 def _wrap(backend: Tokenizer, model_max_length: int, **special_tokens: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
+        # BOS is EOS, as in GPT-2: documents are joined with EOS in training, so the token that generate() and
+        # lm-evaluation-harness put before a text is the one the model saw before every document. (<|bos|> keeps its
+        # id so that the ids of the other tokens never move.)
+        bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         model_max_length=model_max_length,

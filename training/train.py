@@ -704,7 +704,8 @@ def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, 
         block_size=data_args.block_size,
         rows=train_args.batch_size * accelerator.num_processes,
         eos_id=tokenizer.eos_token_id,
-        reset_documents=not train_args.carry_state_across_documents,
+        # As the model was trained: block-wise training runs the state through EOS, --carry-state resets it there.
+        reset_documents=train_args.carry_state and not train_args.carry_state_across_documents,
         characters_per_token=characters_per_token,
     )
 
