@@ -145,16 +145,26 @@ def test_streamed_evaluation_with_one_block_equals_one_forward_pass(layout):
     torch.manual_seed(0)
     model = peaky_model(tiny_config("gru", layout, vocab_size=50)).eval()
     stream = np.random.default_rng(0).integers(3, 50, size=70)
-    result = evaluate_stream(Accelerator(cpu=True), model, stream, block_size=128, rows=1, eos_id=EOS)
+    result = evaluate_stream(
+        Accelerator(cpu=True), model, stream, block_size=128, rows=1, eos_id=EOS, reset_documents=True
+    )
     assert result["tokens"] == 70
     assert result["loss"] == pytest.approx(direct_nll(model, stream), abs=1e-5)
+    # Without resets (how a block-wise model was trained): one plain forward over the EOS and the text.
+    plain = evaluate_stream(Accelerator(cpu=True), model, stream, block_size=128, rows=1, eos_id=EOS)
+    ids = torch.tensor([[EOS, *stream]])
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[0, :-1]
+    assert plain["loss"] == pytest.approx(F.cross_entropy(logits.float(), ids[0, 1:]).item(), abs=1e-5)
 
 
 def test_streamed_evaluation_in_small_blocks_equals_one_pass_without_attention():
     torch.manual_seed(0)
     model = peaky_model(tiny_config("mingru", "no-attention", vocab_size=50)).eval()
     stream = np.random.default_rng(1).integers(3, 50, size=101)
-    result = evaluate_stream(Accelerator(cpu=True), model, stream, block_size=8, rows=1, eos_id=EOS)
+    result = evaluate_stream(
+        Accelerator(cpu=True), model, stream, block_size=8, rows=1, eos_id=EOS, reset_documents=True
+    )
     assert result["tokens"] == 101
     assert result["loss"] == pytest.approx(direct_nll(model, stream), abs=1e-5)
     # Several rows: every token is still scored exactly once.

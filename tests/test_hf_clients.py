@@ -112,3 +112,97 @@ def test_torch_export_with_an_attention_mask_reproduces_the_logits():
         other_mask = torch.ones_like(other)
         other_mask[1, :5] = 0
         torch.testing.assert_close(exported.module()(other, other_mask), wrapped(other, other_mask), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness and TRL, the real clients
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    from tests.test_train import tiny_options
+    from training.arguments import arguments_from_dict
+    from training.train import run_training
+
+    folder = tmp_path_factory.mktemp("clients") / "run"
+    torch.set_num_threads(1)
+    run_training(*arguments_from_dict(tiny_options(folder, max_steps=12)))
+    return folder
+
+
+def test_lm_eval_rolling_loglikelihood_equals_the_streamed_evaluation(trained_folder):
+    """lm-eval's HFLM scores a text after its prefix token (BOS, which is EOS here: what every document follows in
+    training); `hybrid-lm eval --carry-state`'s streamed evaluation (training.streams.evaluate_stream) reads the same
+    tokens after the same EOS. With one block covering the text they agree to rounding."""
+    import numpy as np
+    from accelerate import Accelerator
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from training.data import load_corpus
+    from training.generate import load_model_and_tokenizer
+    from training.streams import evaluate_stream
+
+    model, tokenizer = load_model_and_tokenizer(trained_folder)
+    text = load_corpus("python-docs")["validation"][0]["text"][:400]
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1, device="cpu")
+    assert harness.prefix_token_id == tokenizer.eos_token_id
+    [total] = harness.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ids = np.asarray(tokenizer(text)["input_ids"])
+    ours = evaluate_stream(
+        Accelerator(cpu=True), model, ids, block_size=len(ids) + 1, rows=1, eos_id=tokenizer.eos_token_id
+    )
+    assert ours["tokens"] == len(ids)
+    assert -total / len(ids) == pytest.approx(ours["loss"], abs=1e-4)
+
+
+def test_trl_sft_trainer_with_a_default_lora_config_trains_our_modules(trained_folder, tmp_path):
+    """TRL's SFTTrainer + peft's LoraConfig() without target_modules: the default targets reach the recurrent, attention
+    and MLP projections; only the adapters train; the merged model equals the adapted one."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(trained_folder)
+    tokenizer = AutoTokenizer.from_pretrained(trained_folder)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    texts = ["def add(a, b):\n    return a + b\n", "The for statement iterates over a sequence.\n"] * 4
+    config = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_length=64,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,  # float32 on CPU, so that merged and adapted logits compare tightly
+        logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    trainer.train()
+    adapted = trainer.model
+    wrapped = {name.split(".lora_A")[0].split(".")[-1] for name, _ in adapted.named_parameters() if "lora_A" in name}
+    assert {"in_proj", "out_proj", "q_proj", "up_proj"} & wrapped >= {"out_proj", "q_proj", "up_proj"}
+    trainable = [name for name, parameter in adapted.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert all(
+        torch.equal(parameter, before[name.replace("base_model.model.", "").replace(".base_layer", "")])
+        for name, parameter in adapted.named_parameters()
+        if "lora_" not in name and name.replace("base_model.model.", "").replace(".base_layer", "") in before
+    )
+    ids = torch.tensor([tokenizer("def add(a, b):")["input_ids"]])
+    adapted.eval()
+    with torch.no_grad():
+        adapted_logits = adapted(input_ids=ids).logits
+        merged = adapted.merge_and_unload()
+        assert torch.allclose(merged(input_ids=ids).logits, adapted_logits, atol=1e-5)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(trained_folder)(ids).logits, adapted_logits)

@@ -34,7 +34,9 @@ def write_corpus(folder: Path, megabytes: int) -> Path:
 
 def peak_memory_mb(tmp_path: Path, corpus: Path, name: str, **options) -> tuple[float, dict]:
     output = tmp_path / name
-    flags = as_flags(tiny_options(output, dataset=str(corpus), streaming=True, max_steps=20, eval_batches=2, **options))
+    flags = as_flags(
+        tiny_options(output, dataset=str(corpus), streaming=True, max_steps=20, eval_batches=2, **options)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps([*flags, "--checkpoint-steps", "0"])],

@@ -180,7 +180,7 @@ def evaluate_stream(
     block_size: int,
     rows: int,
     eos_id: int,
-    reset_documents: bool = True,
+    reset_documents: bool = False,
     characters_per_token: float | None = None,
 ) -> dict:
     """Loss, perplexity and bits of `stream` read as contiguous parts with the recurrent state carried between blocks.
