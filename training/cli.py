@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "train": ("training.train", "train a model (flags or one YAML file)"),
     "sweep": ("training.sweep", "run a study (a grid of training runs) and write its report"),
     "generate": ("training.generate", "generate text from a saved model"),
+    "serve": ("training.serve", "serve a saved model over an OpenAI-compatible HTTP API (transformers serve)"),
     "eval": ("training.evaluation", "validation loss / perplexity / bits of a saved model on a corpus"),
     "inspect": ("training.inspect", "plot attention maps, hidden-state norms and recurrent state changes"),
     "finetune-classify": ("training.classify", "fine-tune a saved model for text classification"),

@@ -1,0 +1,89 @@
+"""`hybrid-lm serve MODEL`: transformers' OpenAI-compatible server (`transformers serve`) for a saved model folder.
+
+    hybrid-lm serve runs/shakespeare --port 8000
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"model": "runs/shakespeare", "prompt": "ROMEO:", "max_tokens": 40, "temperature": 0.8, "stream": true}'
+
+`transformers serve` builds a model from the class named in config.json's `architectures`, looked up on the
+`transformers` module, so it cannot load a trust_remote_code model such as this package's. This command makes the
+package's classes available there and runs the same server, with the folder preloaded: /v1/completions (streamed or
+not, temperature, top_p, max_tokens, seed, stop), /v1/chat/completions for models with a chat template, /v1/models.
+Needs the serving extras: pip install 'transformers[serving]'.
+"""
+
+from dataclasses import dataclass
+
+from training.arguments import arg
+from training.errors import UserError
+from training.generate import check_model_folder, parse_command
+
+
+@dataclass
+class ServeArguments:
+    """Which model, where to listen."""
+
+    model: str = arg(help="a saved model folder (output of `hybrid-lm train` or save_pretrained)")
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = arg(8000, "port to listen on")
+    device: str = arg("auto", "device of the model: auto, cpu, cuda, cuda:0, ...")
+    dtype: str = arg("auto", "dtype of the model: auto (as saved), float32, bfloat16, float16")
+    log_level: str = arg("warning", "server log level: debug, info, warning, error")
+    seed: int | None = arg(None, "default torch seed of sampled completions (a request's own seed wins)")
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise UserError(f"--port must be in [0, 65535], got {self.port}")
+
+
+class ServedCausalLM:
+    """What the server finds under the causal LM's class name: the model, set to sample as the OpenAI API does (at the
+    request's temperature, 1 by default; temperature 0 is greedy). A saved generation_config keeps do_sample off, and
+    the server only ever switches sampling off, so without this every completion would be greedy."""
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        from hybrid_rnn_lm import HybridRnnLmForCausalLM
+
+        model = HybridRnnLmForCausalLM.from_pretrained(*args, **kwargs)
+        model.generation_config.do_sample = True
+        return model
+
+
+def make_classes_available() -> list[str]:
+    """Registers this package's model classes as attributes of `transformers`, where the server looks them up."""
+    import transformers
+
+    import hybrid_rnn_lm
+
+    names = [name for name in hybrid_rnn_lm.__all__ if name.startswith("HybridRnnLm")]
+    for name in names:
+        setattr(transformers, name, getattr(hybrid_rnn_lm, name))
+    transformers.HybridRnnLmForCausalLM = ServedCausalLM
+    return names
+
+
+def main(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-"):  # `hybrid-lm serve FOLDER`, as `transformers serve MODEL`
+        argv = ["--model", *argv]
+    args = parse_command(
+        ServeArguments, argv, "hybrid-lm serve", "Serve a saved model over an OpenAI-compatible HTTP API."
+    )
+    folder = check_model_folder(args.model)
+    from transformers.utils import is_serve_available
+
+    if not is_serve_available():
+        raise UserError("serving needs FastAPI, uvicorn and openai: pip install 'transformers[serving]'")
+    make_classes_available()
+    from transformers.cli.serve import Serve
+
+    print(f"serving {folder} on http://{args.host}:{args.port}/v1 (model name: {folder}); Ctrl-C stops", flush=True)
+    Serve(
+        force_model=str(folder),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        log_level=args.log_level,
+        default_seed=args.seed,
+    )
+    return 0
