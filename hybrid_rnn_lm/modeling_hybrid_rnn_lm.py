@@ -61,6 +61,12 @@ def _read_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor |
     return None if cache is None else cache.get_recurrent_state(layer_idx)
 
 
+def _starting_state(cache: Cache | None, layer_idx: int, initial_state: torch.Tensor | None) -> torch.Tensor | None:
+    """The state before this forward's first token: the cache's during generation, else a carried one, else None."""
+    cached = _read_recurrent_state(cache, layer_idx)
+    return initial_state if cached is None else cached
+
+
 def _write_recurrent_state(cache: Cache | None, state: torch.Tensor, layer_idx: int) -> None:
     if cache is None:
         return
@@ -96,9 +102,7 @@ class HybridRnnLmRecurrentMixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the output (B, T, H) and the state after the last token, (B, S, H) as the cache holds it.
         `initial_state` (same layout) is the state before the first token when there is no cache (carried state)."""
-        cached = _read_recurrent_state(cache, self.layer_idx)
-        if cached is None:
-            cached = initial_state
+        cached = _starting_state(cache, self.layer_idx, initial_state)
         initial_state = None if cached is None else self._to_torch_state(cached)
 
         if document_starts is not None:  # no cache: from a zero state, or the carried one for each row's first part
@@ -306,9 +310,7 @@ class HybridRnnLmScanMixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the output (B, T, H) and the state after the last token (B, 1, H); `initial_state` (B, 1, H) is
         the state before the first token when there is no cache (carried state)."""
-        cached = _read_recurrent_state(cache, self.layer_idx)  # (B, 1, H) or None
-        if cached is None:
-            cached = initial_state
+        cached = _starting_state(cache, self.layer_idx, initial_state)  # (B, 1, H) or None
         initial_state = None if cached is None else cached[:, 0]
         output = self._run(self.in_proj, hidden_states, padding_mask, initial_state, document_starts)
         final_state = output[:, -1:].to(hidden_states.dtype)
