@@ -251,6 +251,50 @@ def linear_recurrence_scan(
     return output.view(batch, -1, width)[:, :length].to(dtype)
 
 
+TRACEABLE_CHUNK_SIZE = 64
+
+
+def linear_recurrence_scan_traceable(
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None, chunk_size: int = TRACEABLE_CHUNK_SIZE
+) -> torch.Tensor:
+    """`linear_recurrence_scan` with no Python branch on the sequence length, for torch.export, ONNX and
+    torch.compile(fullgraph=True) with a dynamic length (the fast path recurses a length-dependent number of times).
+
+    1. Chunks of a fixed `chunk_size`, each scanned inside by log2(chunk_size) Hillis-Steele passes, as above.
+    2. The state entering every chunk at once: with L_j = sum of log(gate products) of chunks 0..j, the state after
+       chunk j is sum_{i <= j} exp(L_j - L_i) B_i + exp(L_j) h_0. Every exponent is <= 0 (gates <= 1), so nothing
+       overflows; it costs (T / chunk_size)^2 * H, fine for inference lengths.
+    """
+    dtype = b.dtype
+    a, b = a.float(), b.float()
+    batch, length, width = b.shape
+    # At least one padded step and two chunks, whatever the length: no size becomes 0 or 1 for some lengths only,
+    # which an exporter would have to branch on.
+    chunks = length // chunk_size + 2
+    pad = chunks * chunk_size - length
+    a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
+    b = nn.functional.pad(b, (0, 0, 0, pad))
+    a = a.reshape(batch, -1, chunk_size, width)  # (B, n, C, H)
+    b = b.reshape(batch, -1, chunk_size, width)
+    offset = 1
+    while offset < chunk_size:  # a fixed number of passes
+        b = torch.cat([b[:, :, :offset], torch.addcmul(b[:, :, offset:], a[:, :, offset:], b[:, :, :-offset])], dim=2)
+        a = torch.cat([a[:, :, :offset], a[:, :, offset:] * a[:, :, :-offset]], dim=2)
+        offset *= 2
+    log_gates = torch.cumsum(torch.log(a[:, :, -1].clamp_min(1e-30)), dim=1)  # (B, n, H)
+    exponents = log_gates[:, :, None] - log_gates[:, None, :]  # (B, n after, n from, H)
+    steps = torch.arange(a.shape[1], device=a.device)
+    causal = (steps[:, None] >= steps[None, :])[None, :, :, None]  # (1, n after, n from, 1)
+    weights = torch.where(causal, torch.exp(exponents.clamp_max(0.0)), 0.0)
+    after = (weights * b[:, None, :, -1]).sum(dim=2)  # (B, n, H): the state after each chunk, from h_0 = 0
+    if initial_state is not None:
+        after = after + torch.exp(log_gates) * initial_state.float()[:, None]
+    first = torch.zeros_like(after[:, :1]) if initial_state is None else initial_state.float()[:, None]
+    entering = torch.cat([first, after[:, :-1]], dim=1)  # (B, n, H)
+    output = torch.addcmul(b, a, entering[:, :, None])
+    return output.reshape(batch, -1, width)[:, :length].to(dtype)
+
+
 class HybridRnnLmScanMixer(nn.Module):
     """minGRU / minLSTM (Feng et al. 2024): a recurrence whose gates depend on the input only, so that a whole block
     is computed at once by `linear_recurrence_scan`, then a linear projection back to the residual width.
@@ -298,6 +342,8 @@ class HybridRnnLmScanMixer(nn.Module):
             real = padding_mask[..., None]  # (B, T, 1)
             a = torch.where(real, a, torch.ones_like(a))
             b = torch.where(real, b, torch.zeros_like(b))
+        if is_tracing(a):  # export / compile: the same recurrence without length-dependent Python branches
+            return linear_recurrence_scan_traceable(a, b, initial_state)
         return linear_recurrence_scan(a, b, initial_state, self.chunk_size)  # (B, T, H) float32
 
     def forward(

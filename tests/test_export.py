@@ -128,3 +128,96 @@ def test_weights_missing_from_a_checkpoint_are_initialised(tmp_path, rnn_type):
     for name, value in model.state_dict().items():
         if name not in dropped:
             assert torch.equal(kept[name], value), f"{name} was overwritten on load"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.export with a dynamic length, torch.compile(fullgraph=True), ONNX
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("rnn_type", ["mingru", "minlstm"])
+def test_torch_export_with_a_dynamic_length_reproduces_the_logits(rnn_type):
+    """The scan cells export once for every length that is a multiple of 64 (pad on the left with the attention
+    mask, which is exact), attention included; the fused cells' packing cannot be traced."""
+    wrapped = Logits(peaky_model(tiny_config(rnn_type, "every-2nd"))).eval()
+    ids = random_ids(2, 128)
+    length = 64 * torch.export.Dim("blocks", min=1, max=64)
+    exported = torch.export.export(
+        wrapped,
+        (ids, torch.ones_like(ids)),
+        dynamic_shapes={"input_ids": {1: length}, "attention_mask": {1: length}},
+    )
+    with torch.no_grad():
+        for tokens in (64, 192, 1024):
+            other = random_ids(2, tokens, seed=tokens)
+            mask = torch.ones_like(other)
+            mask[0, :7] = 0
+            torch.testing.assert_close(exported.module()(other, mask), wrapped(other, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rnn_type", ["mingru", "minlstm"])
+def test_compile_fullgraph_with_a_dynamic_length(rnn_type):
+    """One graph, no graph break, for any length (the eager backend: graph capture is what fullgraph checks)."""
+    wrapped = Logits(peaky_model(tiny_config(rnn_type, "every-2nd"))).eval()
+    compiled = torch.compile(wrapped, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for tokens in (5, 37, 130):
+            ids = random_ids(2, tokens, seed=tokens)
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0
+            torch.testing.assert_close(compiled(ids, mask), wrapped(ids, mask), atol=1e-5, rtol=0)
+
+
+class DecodeStep(torch.nn.Module):
+    """One token in, its logits and every block's next recurrent state out: the whole generation state is explicit."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *states):
+        output = self.model(input_ids=input_ids, recurrent_states=list(states), output_recurrent_states=True)
+        return (output.logits[:, -1], *output.recurrent_states)
+
+
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_onnx_decoding_step_with_explicit_state_matches_pytorch(rnn_type, tmp_path):
+    """A model without attention exported to ONNX as one decoding step, run for 12 tokens in onnxruntime, feeding
+    its states back, agrees with the PyTorch step (with attention the keys/values would be state too)."""
+    import numpy as np
+    import onnxruntime
+
+    model = peaky_model(tiny_config(rnn_type, "no-attention")).eval()
+    step = DecodeStep(model)
+    blocks = len(model.model.layers)
+    states = [torch.zeros(3, 2 if rnn_type == "lstm" else 1, model.config.hidden_size) for _ in range(blocks)]
+    names = [f"state_{index}" for index in range(blocks)]
+    torch.onnx.export(
+        step,
+        (random_ids(3, 1), *states),
+        str(tmp_path / "step.onnx"),
+        dynamo=True,
+        input_names=["input_ids", *names],
+        output_names=["logits", *[f"next_{name}" for name in names]],
+        verbose=False,
+    )
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"))
+    tokens = random_ids(3, 12, seed=3)
+    onnx_states = [state.numpy() for state in states]
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            token = tokens[:, t : t + 1]
+            logits, *states = step(token, *states)
+            onnx_logits, *onnx_states = session.run(
+                None, {"input_ids": token.numpy(), **dict(zip(names, onnx_states, strict=True))}
+            )
+            np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4, rtol=0)

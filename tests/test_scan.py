@@ -10,6 +10,7 @@ from hybrid_rnn_lm import HybridRnnLmForCausalLM
 from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
     linear_recurrence_reference,
     linear_recurrence_scan,
+    linear_recurrence_scan_traceable,
     scan_gate_bias,
 )
 from tests.test_modeling import peaky_model, random_ids, tiny_config
@@ -44,6 +45,18 @@ def test_scan_equals_the_sequential_reference_forward_and_gradients(length, with
         # From a zero state the first gate multiplies zero: no gradient path at all, or a zero gradient.
         fast_grad = torch.zeros_like(fast_input) if fast_input.grad is None else fast_input.grad
         assert (fast_grad - slow_input.grad).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 257, 1000])
+def test_the_traceable_scan_equals_the_sequential_reference(length, with_state):
+    """The export / compile path (fixed chunks of 64, chunk states from a matrix of gate products), with a
+    forget-everything gate (a document start) in the middle."""
+    a, b, h0 = gates_and_inputs(length)
+    a[:, length // 2] = 0.0
+    initial = h0 if with_state else None
+    expected = linear_recurrence_reference(a, b, initial)
+    assert (linear_recurrence_scan_traceable(a, b, initial) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 32, 1000])
