@@ -131,3 +131,25 @@ def test_two_processes_carry_state_on_disjoint_contiguous_streams(tmp_path):
     ]
     results = json.loads((output_dir / "results.json").read_text())
     assert results["full_validation"]["stream"]["tokens"] == len(split_token_stream(corpus["validation"], tokenizer))
+
+
+@pytest.mark.xdist_group("accelerate-launch")
+def test_two_processes_stream_disjoint_shares_of_a_streamed_corpus(tmp_path):
+    """--streaming under DDP: split_dataset_by_node gives each process its own share of the stream."""
+    from tests.test_train import real_text_file
+
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    text = real_text_file(tmp_path / "source", 40 * 500).read_text()
+    for index in range(40):
+        (folder / f"doc{index:02d}.txt").write_text(text[500 * index : 500 * (index + 1)])
+    output_dir = tmp_path / "run"
+    options = tiny_options(output_dir, dataset=str(folder), streaming=True, max_steps=6, eval_steps=3)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    result = launch(["driver.py", json.dumps(options), str(tmp_path)], cwd=tmp_path, use_cpu=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    seen = [{tuple(row) for batch in record["batches"] for row in batch} for record in records]
+    assert all(len(record["batches"]) == 6 for record in records)
+    assert len(seen[0]) == len(seen[1]) == 6 * options["batch_size"]
+    assert not seen[0] & seen[1], "both processes trained on the same blocks"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_data import dataset_repository  # noqa: F401 (a fixture)
 from tests.test_train import REPO_ROOT, as_flags, real_text_file, tiny_options
 
 # Runs `hybrid-lm train` in a fresh process and reports its peak resident memory (Linux: kilobytes).
@@ -64,3 +65,25 @@ def test_memory_stays_flat_when_the_corpus_grows_fourfold(tmp_path, carry_state)
     assert small_results["steps"] == large_results["steps"] == 20
     assert large_mb - small_mb < 16, (small_mb, large_mb)
     print(f"peak memory: {small_mb:.0f} MB (5 MB corpus), {large_mb:.0f} MB (20 MB corpus)")
+
+
+def test_a_dataset_repository_streams_into_training(tmp_path, dataset_repository):  # noqa: F811 (the fixture)
+    """A dataset laid out as on the Hub (parquet files and README configs), read by `load_dataset(..., streaming=True)`
+    exactly as a Hub dataset is: --streaming trains from it, with and without --carry-state."""
+    from training.arguments import arguments_from_dict
+    from training.train import run_training
+
+    for carry_state in (False, True):
+        options = tiny_options(
+            tmp_path / f"run-{carry_state}",
+            dataset=f"{dataset_repository}:short",
+            text_column="body",
+            streaming=True,
+            carry_state=carry_state,
+            block_size=8,
+            batch_size=2,
+            max_steps=4,
+            eval_steps=2,
+        )
+        results = run_training(*arguments_from_dict(options))
+        assert results["steps"] == 4 and results["full_validation"]["blocks"] > 0
