@@ -205,7 +205,7 @@ def test_a_binary_vector_file_is_named_as_such(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["word", "char"])
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
 def test_inspect_neighbours_equal_a_direct_cosine_computation(tmp_path, capsys, kind):
     from tests.test_modeling import peaky_model, tiny_config
 
@@ -214,7 +214,7 @@ def test_inspect_neighbours_equal_a_direct_cosine_computation(tmp_path, capsys, 
     model = peaky_model(tiny_config("gru", "every-2nd", vocab_size=len(tokenizer)))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    queries = ["Citizen", "the"] if kind == "word" else ["e", "C"]
+    queries = {"word": ["Citizen", "the"], "char": ["e", "C"], "bpe": ["Ġthe", "e"]}[kind]  # BPE: tokens as spelled
     out = tmp_path / "inspect"
     argv = ["inspect", "--model", str(tmp_path / "model"), "--text", text, "--output-dir", str(out)]
     code, _, err = run_cli(capsys, *argv, "--words", *queries, "--neighbours", "4", "--embedding-tokens", "30")
