@@ -45,7 +45,7 @@ def step_by_step_state_changes(model_dir, ids: torch.Tensor) -> list[torch.Tenso
     return changes
 
 
-@pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
+@pytest.mark.parametrize("rnn_type", ["gru", "lstm", "mingru"])
 def test_figures_and_summary_match_direct_computations(tmp_path, capsys, rnn_type):
     model_dir = save_tiny_model(tmp_path / "model", rnn_type=rnn_type, layout="every-2nd", num_hidden_layers=3)
     out_dir = tmp_path / "inspect"

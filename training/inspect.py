@@ -5,8 +5,8 @@ Written to --output-dir:
   maps are the exact softmax weights (query position down, key position across).
 - hidden_norms.png: one panel per block: L2 norm of the residual stream after each sub-layer (recurrent,
   attention, MLP) along the sequence, read with forward hooks.
-- recurrent_state.png: one panel per block: ||h_t - h_{t-1}|| of the recurrent state (h_{-1} = 0), from the
-  fused RNN's outputs, i.e. how much each token moves the state.
+- recurrent_state.png: one panel per block: ||h_t - h_{t-1}|| of the recurrent state (h_{-1} = 0), read where
+  the mixer's out_proj takes it (every cell), i.e. how much each token moves the state.
 - embeddings.png: the input embeddings of the text's most frequent tokens projected on their first two principal
   components (PCA), each point labelled with its token.
 - summary.md (and summary.json with the same numbers), with the nearest neighbours (cosine similarity of the input
@@ -137,9 +137,9 @@ def trace(model, input_ids: torch.Tensor) -> Trace:
                 lambda module, inputs, output, i=index: streams[i].__setitem__("mlp", output[0][0])
             )
         )
-        handles.append(
-            block.rnn.rnn.register_forward_hook(
-                lambda module, inputs, output, i=index: states.__setitem__(i, output[0][0])
+        handles.append(  # the recurrent states h_t are what the mixer's out_proj reads, for every cell
+            block.rnn.out_proj.register_forward_pre_hook(
+                lambda module, inputs, i=index: states.__setitem__(i, inputs[0][0])
             )
         )
     try:
