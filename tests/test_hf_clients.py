@@ -91,16 +91,9 @@ def test_bad_input_ids_are_a_clear_value_error(ids, message):
 
 def test_torch_export_with_an_attention_mask_reproduces_the_logits():
     """The scan cells' padding is pure tensor algebra (no data-dependent branch), so the padded forward exports."""
+    from tests.test_export import Logits
+
     model = peaky_model(tiny_config("mingru", "every-2nd"))
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     ids = random_ids(2, 9)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding in the first row
