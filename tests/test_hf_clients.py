@@ -90,7 +90,8 @@ def test_bad_input_ids_are_a_clear_value_error(ids, message):
 
 
 def test_torch_export_with_an_attention_mask_reproduces_the_logits():
-    """The scan cells' padding is pure tensor algebra (no data-dependent branch), so the padded forward exports."""
+    """The scan cells' padding is pure tensor algebra (no data-dependent branch), so the padded forward exports (through
+    the traceable scan, equal to the fast one to float rounding)."""
     from tests.test_export import Logits
 
     model = peaky_model(tiny_config("mingru", "every-2nd"))
@@ -100,11 +101,11 @@ def test_torch_export_with_an_attention_mask_reproduces_the_logits():
     wrapped = Logits(model).eval()
     exported = torch.export.export(wrapped, (ids, mask))
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(ids, mask), wrapped(ids, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(exported.module()(ids, mask), wrapped(ids, mask), atol=1e-5, rtol=0)
         other = random_ids(2, 9, seed=5)  # other tokens and another padding through the same program
         other_mask = torch.ones_like(other)
         other_mask[1, :5] = 0
-        torch.testing.assert_close(exported.module()(other, other_mask), wrapped(other, other_mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(exported.module()(other, other_mask), wrapped(other, other_mask), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------
