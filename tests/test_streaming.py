@@ -69,13 +69,14 @@ def test_memory_stays_flat_when_the_corpus_grows_fourfold(tmp_path, carry_state)
 
 def test_a_dataset_repository_streams_into_training(tmp_path, dataset_repository):  # noqa: F811 (the fixture)
     """A dataset laid out as on the Hub (parquet files and README configs), read by `load_dataset(..., streaming=True)`
-    exactly as a Hub dataset is: --streaming trains from it, with and without --carry-state."""
+    exactly as a Hub dataset is: --streaming trains from it, with and without --carry-state, and the GPT-2 baseline."""
     from training.arguments import arguments_from_dict
     from training.train import run_training
 
-    for carry_state in (False, True):
+    for architecture, carry_state in (("hybrid", False), ("hybrid", True), ("gpt2", False)):
         options = tiny_options(
-            tmp_path / f"run-{carry_state}",
+            tmp_path / f"run-{architecture}-{carry_state}",
+            architecture=architecture,
             dataset=f"{dataset_repository}:short",
             text_column="body",
             streaming=True,

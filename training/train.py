@@ -245,7 +245,8 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     def save_best_model() -> None:
         save_model_folder(accelerator, model, output_dir)
 
-    validation_stream = getattr(tokenized, "validation_stream", None)
+    # Streamed evaluation carries a recurrent state: hybrid models only (GPT-2's context is its block).
+    validation_stream = getattr(tokenized, "validation_stream", None) if model_args.architecture == "hybrid" else None
 
     def evaluate() -> dict:
         metrics = evaluate_model(accelerator, model, val_dataloader, metric, characters_per_token)
