@@ -184,3 +184,25 @@ def test_eval_cli_carry_state_scores_every_token(tmp_path, capsys):
     tokenizer = build_tokenizer(str(tmp_path / "run"))
     assert results["stream"]["tokens"] == len(split_token_stream(load_corpus("python-docs")["validation"], tokenizer))
     assert results["stream"]["tokens"] > results["tokens_evaluated"]
+
+
+def test_carried_positions_restart_after_each_eos_whether_read_in_order_or_after_a_resume():
+    """position_ids restart right after every EOS, also across block boundaries; a fresh reader (a resumed run)
+    at micro-step k gives the same batch as one that read steps 0..k in order."""
+    from training.streams import CarriedStreams
+
+    tokenizer = build_tokenizer("char", [load_corpus("python-docs")["train"][0]["text"]])
+    blocks = tokenize_corpus(load_corpus("python-docs"), tokenizer, 32)["train"]
+    in_order = CarriedStreams(blocks, 4, 0, 1, tokenizer.eos_token_id)
+    batches = [in_order.batch(step) for step in range(60)]
+    stream = torch.cat([batch["input_ids"] for batch in batches], dim=1)  # (4, 60 * 32): the rows' streams
+    positions = torch.cat([batch["position_ids"] for batch in batches], dim=1)
+    after_eos = torch.zeros_like(stream, dtype=torch.bool)
+    after_eos[:, 1:] = stream[:, :-1] == tokenizer.eos_token_id
+    assert after_eos.any()
+    assert torch.equal(positions[after_eos], torch.zeros(int(after_eos.sum()), dtype=positions.dtype))
+    elsewhere = ~after_eos
+    elsewhere[:, 0] = False  # each row's very first token starts its stream
+    assert (positions[elsewhere] > 0).all()  # the state is kept everywhere else
+    resumed = CarriedStreams(blocks, 4, 0, 1, tokenizer.eos_token_id).batch(37)
+    assert torch.equal(resumed["position_ids"], batches[37]["position_ids"])

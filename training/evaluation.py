@@ -151,7 +151,8 @@ def evaluate_folder(args: EvalArguments) -> dict:
     model, dataloader = accelerator.prepare(model, dataloader)
     stats = tokenized.stats[args.split]
     batches = tqdm(dataloader, desc=f"evaluating {args.split}", unit="batch", disable=not accelerator.is_main_process)
-    metrics = evaluate_model(accelerator, model, batches, load_metric(accelerator), stats.characters_per_token)
+    metric = load_metric(accelerator)
+    metrics = evaluate_model(accelerator, model, batches, metric, stats.characters_per_token)
     streamed = None
     if args.carry_state:
         # The state resets after an EOS only for a model trained that way (--carry-state); block-wise training runs
@@ -170,6 +171,7 @@ def evaluate_folder(args: EvalArguments) -> dict:
             eos_id=tokenizer.eos_token_id,
             reset_documents=reset,
             characters_per_token=stats.characters_per_token,
+            metric=metric,
         )
     return {
         "model": str(model_dir),

@@ -54,6 +54,7 @@ class CarriedStreams:
         self.blocks = blocks.with_format("numpy")
         self.rows = np.arange(process_index * batch_size, (process_index + 1) * batch_size)  # this process's rows
         self.eos_id = eos_id  # None: no document resets (--carry-state-across-documents)
+        self._last_tokens: dict[int, np.ndarray] = {}  # micro-step -> last token of every row's block
 
     def block_indices(self, micro_step: int) -> np.ndarray:
         return self.rows * self.length + micro_step
@@ -65,9 +66,12 @@ class CarriedStreams:
         if self.eos_id is not None:
             if micro_step == 0:
                 first_is_start = torch.ones(len(self.rows), dtype=torch.bool)
-            else:
-                previous = self.blocks[self.block_indices(micro_step - 1)]["input_ids"][:, -1]
+            else:  # the token before each row's block: the last of its previous block (read again after a resume)
+                previous = self._last_tokens.get(micro_step - 1)
+                if previous is None:
+                    previous = self.blocks[self.block_indices(micro_step - 1)]["input_ids"][:, -1]
                 first_is_start = torch.as_tensor(previous == self.eos_id)
+            self._last_tokens = {micro_step: input_ids[:, -1].numpy()}
             batch["position_ids"] = document_position_ids(input_ids, self.eos_id, first_is_start)
         return batch
 
@@ -182,10 +186,12 @@ def evaluate_stream(
     eos_id: int,
     reset_documents: bool = False,
     characters_per_token: float | None = None,
+    metric=None,
 ) -> dict:
     """Loss, perplexity and bits of `stream` read as contiguous parts with the recurrent state carried between blocks.
 
-    Rows are shared out between processes; the sums are pooled. Returns the `language_modeling` metric's numbers
+    Rows are shared out between processes; the sums are pooled and turned into numbers by the `language_modeling`
+    metric (`metric`, loaded when not given), as block-wise evaluation does. Returns its loss, perplexity and bits
     plus "tokens" (every token of the stream, scored once)."""
     layout = stream_layout(stream, rows, block_size, prefix_id=eos_id, eos_id=eos_id)
     mine = slice(accelerator.process_index, None, accelerator.num_processes)
@@ -218,15 +224,20 @@ def evaluate_stream(
     model.train(was_training)
     total_nll = accelerator.reduce(total_nll, reduction="sum")
     total_tokens = accelerator.reduce(total_tokens, reduction="sum")
-    loss = (total_nll / total_tokens).item()
-    result = {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_token": loss / math.log(2),
-        "bits_per_character": None if characters_per_token is None else loss / characters_per_token / math.log(2),
-        "tokens": int(total_tokens.item()),
+    if metric is None:
+        from training.train import load_metric
+
+        metric = load_metric(accelerator)
+    result = metric.compute(
+        nll_sum=[total_nll.item()], num_tokens=[int(total_tokens.item())], characters_per_token=characters_per_token
+    )
+    return {
+        "loss": result["loss"],
+        "perplexity": result["perplexity"],
+        "bits_per_token": result["bits_per_token"],
+        "bits_per_character": result["bits_per_character"],
+        "tokens": result["num_tokens"],
     }
-    return result
 
 
 # ------------------------------------------------------------------------------------------------------------

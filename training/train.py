@@ -253,7 +253,14 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         if carried is not None:  # the validation split as streams, the state carried (the first blocks' tokens)
             wanted = len(val_dataloader.dataset) * data_args.block_size if train_args.eval_batches else None
             streamed = stream_scores(
-                accelerator, model, validation_stream[:wanted], data_args, train_args, tokenizer, characters_per_token
+                accelerator,
+                model,
+                validation_stream[:wanted],
+                data_args,
+                train_args,
+                tokenizer,
+                characters_per_token,
+                metric,
             )
             metrics.update({f"val_stream_{name}": value for name, value in streamed.items()})
         return metrics
@@ -345,7 +352,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
         if validation_stream is not None:  # the best model on the whole validation stream, the state carried
             best = load_saved_model(accelerator, output_dir)
             results["full_validation"]["stream"] = stream_scores(
-                accelerator, best, validation_stream, data_args, train_args, tokenizer, characters_per_token
+                accelerator, best, validation_stream, data_args, train_args, tokenizer, characters_per_token, metric
             )
         if data_args.test_dataset is not None:
             results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
@@ -694,7 +701,7 @@ def _collate(examples: list[dict]) -> dict:
     return {"input_ids": collate_blocks(examples)["input_ids"]}
 
 
-def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token) -> dict:
+def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token, metric) -> dict:
     """Streamed evaluation (training.streams) with the run's block size, one row per batch row."""
     from training.streams import evaluate_stream
 
@@ -708,6 +715,7 @@ def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, 
         # As the model was trained: block-wise training runs the state through EOS, --carry-state resets it there.
         reset_documents=train_args.carry_state and not train_args.carry_state_across_documents,
         characters_per_token=characters_per_token,
+        metric=metric,
     )
 
 
