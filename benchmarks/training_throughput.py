@@ -89,7 +89,7 @@ def matched_width(rnn_type: str, target: int) -> int:
 
 def with_optimizer(name: str, model: torch.nn.Module) -> Model:
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)  # as the trainer
     return Model(name, model, optimizer, parameter_count(model))
 
 

@@ -204,51 +204,204 @@ def linear_recurrence_reference(
     return torch.stack(outputs, dim=1)
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 kept: the scans never run in half precision."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def linear_recurrence_scan(
     a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None, chunk_size: int = 4
 ) -> torch.Tensor:
     """The same h_t = a_t * h_{t-1} + b_t for a whole block at once, in plain PyTorch, with no loop over time.
+
+    a, b: (B, T, H); initial_state: (B, H) or None (zeros). Runs in float32 (bf16 inputs included; float64 stays
+    float64) and returns every h_t in the dtype of `b`. The forward pass is `_chunked_scan`; under autograd, `_LinearRecurrence` gives the
+    gradients by running the same scan backwards in time instead of differentiating through its many small steps.
+    """
+    dtype = b.dtype
+    a, b = _wide(a), _wide(b)
+    initial_state = None if initial_state is None else _wide(initial_state)
+    inputs = (a, b) if initial_state is None else (a, b, initial_state)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
+        states = _LinearRecurrence.apply(a, b, initial_state, chunk_size)
+    else:
+        states = _chunked_scan(a, b, initial_state, chunk_size)
+    return states.to(dtype)
+
+
+def _chunked_scan(
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
+) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t on (B, T, H) float tensors, outside autograd; a and b are left unchanged.
 
     1. Inside each chunk of `chunk_size` steps, a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
        vectorised passes: b becomes the state from a zero start at the chunk's beginning, a the product of the gates.
     2. The chunk ends form a recurrence of the same kind, T / chunk_size long: this function solves it recursively,
        which gives the state entering every chunk.
     3. One multiply-add brings that state into every position of its chunk.
-    The work is O(T log chunk_size) and the recursion log_chunk_size(T) deep. Every gate is in [0, 1], so the scan
-    only multiplies numbers of at most 1 and adds: nothing can overflow, at any length. It runs in float32 (bf16
-    inputs included) and returns the dtype of `b`.
+    The work is O(T log chunk_size) and the recursion log_chunk_size(T) deep. Every pass updates a working copy in
+    place: nothing is concatenated, and nothing is kept for a backward pass. Every gate is in [0, 1], so the scan only
+    multiplies numbers of at most 1 and adds: nothing can overflow, at any length.
     """
-    dtype = b.dtype
-    a, b = a.float(), b.float()
     batch, length, width = b.shape
     if length == 1:  # a decoding step
-        output = b if initial_state is None else torch.addcmul(b, a, initial_state.float()[:, None])
-        return output.to(dtype)
+        return b.clone() if initial_state is None else torch.addcmul(b, a, initial_state[:, None])
     chunk = min(max(chunk_size, 2), length)
     pad = -length % chunk
-    if pad:  # a = 1, b = 0 past the end: the padded steps change nothing and are cut off below
-        a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
-        b = nn.functional.pad(b, (0, 0, 0, pad))
+    # Working copies; past the end a = 1, b = 0: the padded steps change nothing and are cut off below.
+    a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.clone()
+    b = nn.functional.pad(b, (0, 0, 0, pad)) if pad else b.clone()
     num_chunks = (length + pad) // chunk
     a = a.view(batch, num_chunks, chunk, width)
     b = b.view(batch, num_chunks, chunk, width)
     carry = num_chunks > 1 or initial_state is not None  # else the gate products are not needed after the scan
-    # 1. Scan inside every chunk at once.
+    # 1. Scan inside every chunk at once (each right-hand side is a new tensor: the two slices overlap).
     offset = 1
     while offset < chunk:
-        b = torch.cat([b[:, :, :offset], torch.addcmul(b[:, :, offset:], a[:, :, offset:], b[:, :, :-offset])], dim=2)
+        b[:, :, offset:] += a[:, :, offset:] * b[:, :, :-offset]
         if carry or 2 * offset < chunk:
-            a = torch.cat([a[:, :, :offset], a[:, :, offset:] * a[:, :, :-offset]], dim=2)
+            a[:, :, offset:] = a[:, :, offset:] * a[:, :, :-offset]
         offset *= 2
-    if not carry:
-        return b.view(batch, -1, width)[:, :length].to(dtype)
-    # 2. The state after every chunk: the same recurrence over the chunk ends, (B, n, H).
-    ends = linear_recurrence_scan(a[:, :, -1], b[:, :, -1], initial_state, chunk_size)
-    first = torch.zeros_like(ends[:, :1]) if initial_state is None else initial_state.float()[:, None]
-    entering = torch.cat([first, ends[:, :-1]], dim=1)  # (B, n, H): the state before every chunk
-    # 3. Its decayed contribution at every position.
-    output = torch.addcmul(b, a, entering[:, :, None])  # (B, n, chunk, H)
-    return output.view(batch, -1, width)[:, :length].to(dtype)
+    if carry:
+        # 2. The state after every chunk: the same recurrence over the chunk ends, (B, n, H).
+        ends = _chunked_scan(a[:, :, -1], b[:, :, -1], initial_state, chunk_size)
+        # 3. Its decayed contribution at every position of the next chunk.
+        b[:, 1:].addcmul_(a[:, 1:], ends[:, :-1, None])
+        if initial_state is not None:
+            b[:, 0].addcmul_(a[:, 0], initial_state[:, None])
+    return b.view(batch, -1, width)[:, :length]
+
+
+def _scan_backward(a, states, initial_state, grad_states, chunk_size):
+    """Gradients of h = scan(a, b, h_0) from g = dL/dh. The gradient reaching h_t, d_t = g_t + a_{t+1} d_{t+1}, is
+    the same linear recurrence run from the last step to the first; then dL/db_t = d_t, dL/da_t = d_t * h_{t-1} and
+    dL/dh_0 = a_1 * d_1. Returns (grad_a, grad_b, grad_h0 or None)."""
+    # Backwards in time, step u is t = T - 1 - u; its gate is a_{t+1} (the first step starts from zero).
+    reversed_gates = torch.empty_like(a)
+    reversed_gates[:, 0] = 1.0
+    reversed_gates[:, 1:] = a[:, 1:].flip(1)
+    grad_b = _chunked_scan(reversed_gates, grad_states.to(a.dtype).flip(1), None, chunk_size).flip(1)
+    grad_a = torch.empty_like(a)
+    torch.mul(grad_b[:, 1:], states[:, :-1], out=grad_a[:, 1:])
+    if initial_state is None:
+        grad_a[:, 0] = 0.0
+        return grad_a, grad_b, None
+    torch.mul(grad_b[:, 0], initial_state, out=grad_a[:, 0])
+    return grad_a, grad_b, grad_b[:, 0] * a[:, 0]
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """h = scan(a, b, h_0) with the hand-written backward pass of `_scan_backward` instead of autograd through the
+    scan's many small steps. `linear_recurrence_reference` differentiated by autograd is the check."""
+
+    @staticmethod
+    def forward(ctx, a, b, initial_state, chunk_size):
+        states = _chunked_scan(a, b, initial_state, chunk_size)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(a, states, initial_state)
+        return states
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):
+        a, states, initial_state = ctx.saved_tensors
+        grad_a, grad_b, grad_initial = _scan_backward(a, states, initial_state, grad_states, ctx.chunk_size)
+        return grad_a, grad_b, grad_initial if ctx.needs_input_grad[2] else None, None
+
+
+def scan_coefficients(projected: torch.Tensor, num_gates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scan cell's input projection (B, T, (gates + 1) * H) -> a, b of h_t = a_t * h_{t-1} + b_t, in float32.
+
+    minGRU (one gate):   z = sigmoid(g),                      a = 1 - z,       b = z * h~
+    minLSTM (two gates): f = sigmoid(g_f), i = sigmoid(g_i),  a = f / (f + i), b = i / (f + i) * h~
+    """
+    if num_gates == 1:
+        gate, candidate = _wide(projected).chunk(2, dim=-1)
+        update = torch.sigmoid(gate)
+        return 1.0 - update, update * candidate
+    forget, write, candidate = _wide(projected).chunk(3, dim=-1)
+    forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+    total = forget + write
+    return forget / total, write / total * candidate
+
+
+def masked_scan_coefficients(projected, num_gates, document_starts=None, padding_mask=None):
+    """`scan_coefficients` with the masks applied: a = 0 at a document start (the state restarts from zero); a = 1,
+    b = 0 at a padded position (the state passes unchanged)."""
+    a, b = scan_coefficients(projected, num_gates)
+    if document_starts is not None:
+        a = a.masked_fill(document_starts[..., None], 0.0)
+    if padding_mask is not None:
+        real = padding_mask[..., None]  # (B, T, 1)
+        a = torch.where(real, a, torch.ones_like(a))
+        b = torch.where(real, b, torch.zeros_like(b))
+    return a, b
+
+
+class _GatedScan(torch.autograd.Function):
+    """A scan cell's gates, masks and scan in one autograd node: from the input projection (B, T, (gates + 1) * H)
+    to every state (B, T, H), float32. The backward pass writes the projection's gradient into one tensor from
+    `_scan_backward`'s dL/da and dL/db and the gates' derivatives. `masked_scan_coefficients` +
+    `linear_recurrence_reference` differentiated by autograd is the check (tests/test_scan.py)."""
+
+    @staticmethod
+    def forward(ctx, projected, initial_state, document_starts, padding_mask, num_gates, chunk_size):
+        a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)
+        states = _chunked_scan(a, b, initial_state, chunk_size)
+        ctx.num_gates, ctx.chunk_size = num_gates, chunk_size
+        ctx.save_for_backward(projected, a, states, initial_state, document_starts, padding_mask)
+        return states
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):
+        projected, a, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
+        grad_a, grad_b, grad_initial = _scan_backward(a, states, initial_state, grad_states, ctx.chunk_size)
+        # Where a mask sets a (or b) to a constant, no gradient reaches the gates through it.
+        if document_starts is not None:
+            grad_a.masked_fill_(document_starts[..., None], 0.0)
+        if padding_mask is not None:
+            grad_a.masked_fill_(~padding_mask[..., None], 0.0)
+            grad_b.masked_fill_(~padding_mask[..., None], 0.0)
+        width = a.shape[-1]
+        grad_projected = torch.empty(projected.shape, dtype=a.dtype, device=projected.device)
+        if ctx.num_gates == 1:
+            gate, candidate = _wide(projected).chunk(2, dim=-1)
+            update = torch.sigmoid(gate)
+            # a = 1 - z, b = z * h~:  dL/dz = dL/db * h~ - dL/da;  dz/dg = z (1 - z);  dL/dh~ = dL/db * z
+            torch.mul(grad_b, update, out=grad_projected[..., width:])
+            grad_update = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).neg_()
+            torch.mul(grad_update, update * (1.0 - update), out=grad_projected[..., :width])
+        else:
+            forget, write, candidate = _wide(projected).chunk(3, dim=-1)
+            forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+            total = forget + write
+            # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/da - dL/db * h~) / s^2: dL/df = q * i,
+            # dL/di = -q * f, dL/dh~ = dL/db * i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
+            q = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).div_(total * total)
+            torch.mul(q * write, forget * (1.0 - forget), out=grad_projected[..., :width])
+            torch.mul(q * forget, write * (write - 1.0), out=grad_projected[..., width : 2 * width])
+            torch.mul(grad_b, write / total, out=grad_projected[..., 2 * width :])
+        grad_initial = grad_initial if ctx.needs_input_grad[1] else None
+        return grad_projected.to(projected.dtype), grad_initial, None, None, None, None
+
+
+def gated_scan(
+    projected: torch.Tensor,
+    num_gates: int,
+    initial_state: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    chunk_size: int = 4,
+) -> torch.Tensor:
+    """Every state (B, T, H), float32, of a minGRU (num_gates=1) or minLSTM (2) cell from its input projection
+    (B, T, (num_gates + 1) * H); `initial_state` (B, H) or None; the masks (B, T) bool or None."""
+    initial_state = None if initial_state is None else _wide(initial_state)
+    needs_grad = projected.requires_grad or (initial_state is not None and initial_state.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _GatedScan.apply(projected, initial_state, document_starts, padding_mask, num_gates, chunk_size)
+    a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)
+    return _chunked_scan(a, b, initial_state, chunk_size)
 
 
 TRACEABLE_CHUNK_SIZE = 64
@@ -297,7 +450,7 @@ def linear_recurrence_scan_traceable(
 
 class HybridRnnLmScanMixer(nn.Module):
     """minGRU / minLSTM (Feng et al. 2024): a recurrence whose gates depend on the input only, so that a whole block
-    is computed at once by `linear_recurrence_scan`, then a linear projection back to the residual width.
+    is computed at once by a parallel scan (`gated_scan`), then a linear projection back to the residual width.
 
         minGRU:  z_t = sigmoid(W_z x_t),  h~_t = W_h x_t,  h_t = (1 - z_t) * h_{t-1} + z_t * h~_t
         minLSTM: f_t = sigmoid(W_f x_t),  i_t = sigmoid(W_i x_t),  h~_t = W_h x_t,
@@ -323,28 +476,12 @@ class HybridRnnLmScanMixer(nn.Module):
         directions = 2 if config.bidirectional else 1
         self.out_proj = nn.Linear(directions * width, width)
 
-    def _coefficients(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """in_proj's output (B, T, (gates + 1) * H) -> a, b of h_t = a_t * h_{t-1} + b_t, in float32."""
-        if self.num_gates == 1:
-            gate, candidate = projected.float().chunk(2, dim=-1)
-            update = torch.sigmoid(gate)  # z
-            return 1.0 - update, update * candidate
-        forget, write, candidate = projected.float().chunk(3, dim=-1)
-        forget, write = torch.sigmoid(forget), torch.sigmoid(write)
-        total = forget + write
-        return forget / total, write / total * candidate
-
     def _run(self, projection, hidden_states, padding_mask, initial_state, document_starts=None):
-        a, b = self._coefficients(projection(hidden_states))
-        if document_starts is not None:  # a = 0 forgets everything before: the document starts from a zero state
-            a = a.masked_fill(document_starts[..., None], 0.0)
-        if padding_mask is not None:
-            real = padding_mask[..., None]  # (B, T, 1)
-            a = torch.where(real, a, torch.ones_like(a))
-            b = torch.where(real, b, torch.zeros_like(b))
-        if is_tracing(a):  # export / compile: the same recurrence without length-dependent Python branches
+        projected = projection(hidden_states)
+        if is_tracing(projected):  # export / compile: the same recurrence without length-dependent Python branches
+            a, b = masked_scan_coefficients(projected, self.num_gates, document_starts, padding_mask)
             return linear_recurrence_scan_traceable(a, b, initial_state)
-        return linear_recurrence_scan(a, b, initial_state, self.chunk_size)  # (B, T, H) float32
+        return gated_scan(projected, self.num_gates, initial_state, document_starts, padding_mask, self.chunk_size)
 
     def forward(
         self,

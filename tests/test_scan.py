@@ -8,9 +8,11 @@ from safetensors.torch import load_file, save_file
 
 from hybrid_rnn_lm import HybridRnnLmForCausalLM
 from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
+    gated_scan,
     linear_recurrence_reference,
     linear_recurrence_scan,
     linear_recurrence_scan_traceable,
+    masked_scan_coefficients,
     scan_gate_bias,
 )
 from tests.test_modeling import peaky_model, random_ids, tiny_config
@@ -59,6 +61,61 @@ def test_the_traceable_scan_equals_the_sequential_reference(length, with_state):
     assert (linear_recurrence_scan_traceable(a, b, initial) - expected).abs().max() <= 1e-5
 
 
+def cell_inputs(num_gates: int, length: int, seed: int = 0, batch: int = 3, width: int = 5):
+    """An input projection, an initial state, document starts and a left-padding mask for a scan cell."""
+    generator = torch.Generator().manual_seed(seed)
+    projected = 2 * torch.randn(batch, length, (num_gates + 1) * width, generator=generator)
+    h0 = torch.randn(batch, width, generator=generator)
+    starts = torch.rand(batch, length, generator=generator) < 0.1
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    padding[0, : length // 3] = False  # row 0 left-padded
+    return projected, h0, starts, padding
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["no-masks", "document-starts-and-padding"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1, 257])
+@pytest.mark.parametrize("num_gates", [1, 2], ids=SCAN_TYPES)
+def test_fused_cell_equals_gates_then_the_sequential_reference(num_gates, length, with_state, masks):
+    """The training path (gates, masks and scan in one autograd node with a hand-written backward) against autograd
+    through the plain gate formulas and the sequential loop: outputs and the gradients of the projection and of the
+    initial state."""
+    projected, h0, starts, padding = cell_inputs(num_gates, length)
+    starts, padding = (starts, padding) if masks else (None, None)
+    fast_inputs = [projected.clone().requires_grad_(), h0.clone().requires_grad_()]
+    slow_inputs = [projected.clone().requires_grad_(), h0.clone().requires_grad_()]
+
+    def run(inputs, fused):
+        state = inputs[1] if with_state else None
+        if fused:
+            return gated_scan(inputs[0], num_gates, state, starts, padding, chunk_size=CHUNK)
+        a, b = masked_scan_coefficients(inputs[0], num_gates, starts, padding)
+        return linear_recurrence_reference(a, b, state)
+
+    fast, slow = run(fast_inputs, True), run(slow_inputs, False)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    weights = torch.randn_like(fast)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    assert (fast_inputs[0].grad - slow_inputs[0].grad).abs().max().item() <= 1e-5
+    if with_state:
+        assert (fast_inputs[1].grad - slow_inputs[1].grad).abs().max().item() <= 1e-5
+    else:
+        assert fast_inputs[1].grad is None
+
+
+@pytest.mark.parametrize("num_gates", [1, 2], ids=SCAN_TYPES)
+def test_hand_written_backward_passes_gradcheck(num_gates):
+    """Finite differences in float64 (torch.autograd.gradcheck) for both hand-written backward passes."""
+    projected, h0, starts, padding = cell_inputs(num_gates, 11, batch=2, width=3)
+    projected, h0 = projected.double().requires_grad_(), h0.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda p, h: gated_scan(p, num_gates, h, starts, padding, chunk_size=4), (projected, h0)
+    )
+    a, b, state = (t.double().requires_grad_() for t in gates_and_inputs(11, batch=2, width=3))
+    assert torch.autograd.gradcheck(lambda *x: linear_recurrence_scan(*x, chunk_size=4), (a, b, state))
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 32, 1000])
 def test_chunk_size_changes_only_speed(chunk_size):
     a, b, h0 = gates_and_inputs(100, seed=1)
@@ -91,11 +148,12 @@ def test_model_runs_a_sequential_loop_nowhere_but_in_the_reference(rnn_type, mon
         fast = model(ids).logits
         calls = []
 
-        def reference(a, b, initial_state=None, chunk_size=None):
-            calls.append(a.shape)
-            return linear_recurrence_reference(a.float(), b.float(), initial_state).to(b.dtype)
+        def reference(projected, num_gates, initial_state=None, document_starts=None, padding_mask=None, chunk_size=4):
+            calls.append(projected.shape)
+            a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)
+            return linear_recurrence_reference(a, b, initial_state)
 
-        monkeypatch.setattr(modeling, "linear_recurrence_scan", reference)
+        monkeypatch.setattr(modeling, "gated_scan", reference)
         slow = model(ids).logits
     assert len(calls) == 2
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
