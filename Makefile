@@ -21,6 +21,8 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check .
+	# transformers' own common model tests, from its source distribution on the package index (once per version)
+	$(BIN)/python tests/transformers_common/fetch.py
 	# one torch thread per worker: two workers already fill two cores, more threads only contend
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 

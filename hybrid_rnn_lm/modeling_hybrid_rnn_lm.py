@@ -34,11 +34,14 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_tracing
 
 from .configuration_hybrid_rnn_lm import HybridRnnLmConfig
+
+logger = logging.get_logger(__name__)
 
 RNN_CLASSES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -215,8 +218,9 @@ def linear_recurrence_scan(
     """The same h_t = a_t * h_{t-1} + b_t for a whole block at once, in plain PyTorch, with no loop over time.
 
     a, b: (B, T, H); initial_state: (B, H) or None (zeros). Runs in float32 (bf16 inputs included; float64 stays
-    float64) and returns every h_t in the dtype of `b`. The forward pass is `_chunked_scan`; under autograd, `_LinearRecurrence` gives the
-    gradients by running the same scan backwards in time instead of differentiating through its many small steps.
+    float64) and returns every h_t in the dtype of `b`. The forward pass is `_chunked_scan`; under autograd,
+    `_LinearRecurrence` gives the gradients by running the same scan backwards in time instead of differentiating
+    through its many small steps.
     """
     dtype = b.dtype
     a, b = _wide(a), _wide(b)
@@ -230,9 +234,10 @@ def linear_recurrence_scan(
 
 
 def _chunked_scan(
-    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
+    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int, inplace: bool = False
 ) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + b_t on (B, T, H) float tensors, outside autograd; a and b are left unchanged.
+    """h_t = a_t * h_{t-1} + b_t on (B, T, H) float tensors, outside autograd. a and b are left unchanged, unless
+    `inplace` says that the caller hands over two fresh contiguous tensors: then they are the working copies.
 
     1. Inside each chunk of `chunk_size` steps, a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
        vectorised passes: b becomes the state from a zero start at the chunk's beginning, a the product of the gates.
@@ -249,8 +254,9 @@ def _chunked_scan(
     chunk = min(max(chunk_size, 2), length)
     pad = -length % chunk
     # Working copies; past the end a = 1, b = 0: the padded steps change nothing and are cut off below.
-    a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.clone()
-    b = nn.functional.pad(b, (0, 0, 0, pad)) if pad else b.clone()
+    if pad or not inplace:
+        a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.clone()
+        b = nn.functional.pad(b, (0, 0, 0, pad)) if pad else b.clone()
     num_chunks = (length + pad) // chunk
     a = a.view(batch, num_chunks, chunk, width)
     b = b.view(batch, num_chunks, chunk, width)
@@ -280,7 +286,7 @@ def _scan_backward(a, states, initial_state, grad_states, chunk_size):
     reversed_gates = torch.empty_like(a)
     reversed_gates[:, 0] = 1.0
     reversed_gates[:, 1:] = a[:, 1:].flip(1)
-    grad_b = _chunked_scan(reversed_gates, grad_states.to(a.dtype).flip(1), None, chunk_size).flip(1)
+    grad_b = _chunked_scan(reversed_gates, grad_states.to(a.dtype).flip(1), None, chunk_size, inplace=True).flip(1)
     grad_a = torch.empty_like(a)
     torch.mul(grad_b[:, 1:], states[:, :-1], out=grad_a[:, 1:])
     if initial_state is None:
@@ -329,33 +335,50 @@ def masked_scan_coefficients(projected, num_gates, document_starts=None, padding
     """`scan_coefficients` with the masks applied: a = 0 at a document start (the state restarts from zero); a = 1,
     b = 0 at a padded position (the state passes unchanged)."""
     a, b = scan_coefficients(projected, num_gates)
+    a = _mask_gates(a, document_starts, padding_mask)
+    if padding_mask is not None:
+        b = b.masked_fill(~padding_mask[..., None], 0.0)
+    return a, b
+
+
+def _mask_gates(a, document_starts, padding_mask):
     if document_starts is not None:
         a = a.masked_fill(document_starts[..., None], 0.0)
     if padding_mask is not None:
-        real = padding_mask[..., None]  # (B, T, 1)
-        a = torch.where(real, a, torch.ones_like(a))
-        b = torch.where(real, b, torch.zeros_like(b))
-    return a, b
+        a = a.masked_fill(~padding_mask[..., None], 1.0)
+    return a
 
 
 class _GatedScan(torch.autograd.Function):
     """A scan cell's gates, masks and scan in one autograd node: from the input projection (B, T, (gates + 1) * H)
-    to every state (B, T, H), float32. The backward pass writes the projection's gradient into one tensor from
-    `_scan_backward`'s dL/da and dL/db and the gates' derivatives. `masked_scan_coefficients` +
-    `linear_recurrence_reference` differentiated by autograd is the check (tests/test_scan.py)."""
+    to every state (B, T, H), float32. Only the projection and the states are kept; the backward pass recomputes the
+    gates and writes the projection's gradient into one tensor from `_scan_backward`'s dL/da and dL/db and the gates'
+    derivatives. `masked_scan_coefficients` + `linear_recurrence_reference` differentiated by autograd is the check
+    (tests/test_scan.py)."""
 
     @staticmethod
     def forward(ctx, projected, initial_state, document_starts, padding_mask, num_gates, chunk_size):
-        a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)
-        states = _chunked_scan(a, b, initial_state, chunk_size)
+        a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)  # fresh tensors
+        states = _chunked_scan(a, b, initial_state, chunk_size, inplace=True)
         ctx.num_gates, ctx.chunk_size = num_gates, chunk_size
-        ctx.save_for_backward(projected, a, states, initial_state, document_starts, padding_mask)
+        ctx.save_for_backward(projected, states, initial_state, document_starts, padding_mask)
         return states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states):
-        projected, a, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
+        projected, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
+        width = states.shape[-1]
+        if ctx.num_gates == 1:
+            gate, candidate = _wide(projected).chunk(2, dim=-1)
+            update = torch.sigmoid(gate)
+            a = 1.0 - update
+        else:
+            forget, write, candidate = _wide(projected).chunk(3, dim=-1)
+            forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+            total = forget + write
+            a = forget / total
+        a = _mask_gates(a, document_starts, padding_mask)
         grad_a, grad_b, grad_initial = _scan_backward(a, states, initial_state, grad_states, ctx.chunk_size)
         # Where a mask sets a (or b) to a constant, no gradient reaches the gates through it.
         if document_starts is not None:
@@ -363,19 +386,13 @@ class _GatedScan(torch.autograd.Function):
         if padding_mask is not None:
             grad_a.masked_fill_(~padding_mask[..., None], 0.0)
             grad_b.masked_fill_(~padding_mask[..., None], 0.0)
-        width = a.shape[-1]
         grad_projected = torch.empty(projected.shape, dtype=a.dtype, device=projected.device)
         if ctx.num_gates == 1:
-            gate, candidate = _wide(projected).chunk(2, dim=-1)
-            update = torch.sigmoid(gate)
             # a = 1 - z, b = z * h~:  dL/dz = dL/db * h~ - dL/da;  dz/dg = z (1 - z);  dL/dh~ = dL/db * z
             torch.mul(grad_b, update, out=grad_projected[..., width:])
             grad_update = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).neg_()
             torch.mul(grad_update, update * (1.0 - update), out=grad_projected[..., :width])
         else:
-            forget, write, candidate = _wide(projected).chunk(3, dim=-1)
-            forget, write = torch.sigmoid(forget), torch.sigmoid(write)
-            total = forget + write
             # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/da - dL/db * h~) / s^2: dL/df = q * i,
             # dL/di = -q * f, dL/dh~ = dL/db * i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
             q = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).div_(total * total)
@@ -400,8 +417,8 @@ def gated_scan(
     needs_grad = projected.requires_grad or (initial_state is not None and initial_state.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         return _GatedScan.apply(projected, initial_state, document_starts, padding_mask, num_gates, chunk_size)
-    a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)
-    return _chunked_scan(a, b, initial_state, chunk_size)
+    a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)  # fresh tensors
+    return _chunked_scan(a, b, initial_state, chunk_size, inplace=True)
 
 
 TRACEABLE_CHUNK_SIZE = 64
@@ -738,6 +755,7 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
         self.embed_tokens = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # Mamba's old name
     @can_return_tuple
     def forward(
         self,
@@ -932,6 +950,7 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # Mamba's old name
     @can_return_tuple
     def forward(
         self,
@@ -986,6 +1005,7 @@ class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # Mamba's old name
     @can_return_tuple
     def forward(
         self,
@@ -1032,7 +1052,12 @@ class HybridRnnLmForSequenceClassification(HybridRnnLmPreTrainedModel):
         elif input_ids is not None and self.config.pad_token_id is not None:
             real = input_ids != self.config.pad_token_id
         else:
-            if batch != 1:
+            if batch != 1 and self.config.pad_token_id is not None:  # inputs_embeds alone: as in-library models do
+                logger.warning_once(
+                    f"{type(self).__name__} cannot find pad tokens in inputs_embeds: every row's last position is "
+                    "classified; pass attention_mask for padded batches"
+                )
+            elif batch != 1:
                 raise ValueError(
                     "Batched classification needs an attention_mask or config.pad_token_id to find each row's last "
                     "token; pass the tokenizer's attention_mask"

@@ -1,5 +1,6 @@
-"""What Hugging Face clients rely on beyond generate(): the old `past_key_values` name, tuple outputs, static-cache
-generation of a left-padded batch, and the up-front refusal of assisted decoding for a stateful model."""
+"""What Hugging Face clients rely on beyond generate(): the old cache names (`past_key_values`, Mamba's
+`cache_params`), tuple outputs, static-cache generation of a left-padded batch, classification from inputs_embeds, and
+the up-front refusal of assisted decoding for a stateful model."""
 
 import pytest
 import torch
@@ -13,15 +14,16 @@ from tests.test_modeling import (
 )
 
 
-def test_past_key_values_is_accepted_as_the_old_name_of_cache():
+@pytest.mark.parametrize("old", ["past_key_values", "cache_params"])
+def test_old_names_of_cache_are_accepted(old):
     model = peaky_model(tiny_config("gru", "every-2nd", num_hidden_layers=2))
     ids = random_ids(2, 9)
     with torch.no_grad():
         prefix = model(ids[:, :6], use_cache=True)
         expected = model(ids[:, 6:], cache=prefix.cache).logits
         again = model(ids[:, :6], use_cache=True)
-        with pytest.warns(FutureWarning, match="past_key_values"):
-            old_name = model(ids[:, 6:], past_key_values=again.cache).logits
+        with pytest.warns(FutureWarning, match=old):
+            old_name = model(ids[:, 6:], **{old: again.cache}).logits
         fresh = model(ids[:, 6:]).logits  # what a forward that ignored the cache would give
     torch.testing.assert_close(old_name, expected, atol=0, rtol=0)
     assert not torch.allclose(old_name, fresh, atol=1e-3)
@@ -200,3 +202,15 @@ def test_trl_sft_trainer_with_a_default_lora_config_trains_our_modules(trained_f
         merged = adapted.merge_and_unload()
         assert torch.allclose(merged(input_ids=ids).logits, adapted_logits, atol=1e-5)
         assert not torch.allclose(AutoModelForCausalLM.from_pretrained(trained_folder)(ids).logits, adapted_logits)
+
+
+def test_classification_from_inputs_embeds_reads_every_rows_last_position():
+    """As in-library classifiers do: with a pad id but only embeddings, each row's last position is classified (a
+    warning says that padding cannot be seen), the same as from unpadded ids."""
+    torch.manual_seed(0)
+    model = HybridRnnLmForSequenceClassification(tiny_config("mingru", "every-2nd", num_labels=3)).eval()
+    ids = random_ids(2, 7)  # ids from 3 up: no pad token (0) in the rows
+    with torch.no_grad():
+        expected = model(ids).logits
+        embedded = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+    torch.testing.assert_close(embedded, expected, atol=1e-6, rtol=0)
