@@ -171,19 +171,21 @@ def test_streamed_evaluation_in_small_blocks_equals_one_pass_without_attention()
     assert evaluate_stream(Accelerator(cpu=True), model, stream, block_size=8, rows=4, eos_id=EOS)["tokens"] == 101
 
 
-def test_eval_cli_carry_state_scores_every_token(tmp_path, capsys):
+def test_eval_cli_scores_every_token_of_a_hybrid_by_default(tmp_path, capsys):
     options = tiny_options(tmp_path / "run", max_steps=2)
     run_training(*arguments_from_dict(options))
-    out = tmp_path / "eval.json"
-    code, printed, err = run_cli(
-        capsys, "eval", "--model", str(tmp_path / "run"), "--carry-state", "--output", str(out)
-    )
-    assert code == 0, err
-    assert "streamed, state carried" in printed
-    results = json.loads(out.read_text())
+    results = {}
+    for flags in ([], ["--carry-state"], ["--no-carry-state"]):
+        out = tmp_path / f"eval{len(results)}.json"
+        code, printed, err = run_cli(capsys, "eval", "--model", str(tmp_path / "run"), *flags, "--output", str(out))
+        assert code == 0, err
+        assert ("streamed, state carried" in printed) == (flags != ["--no-carry-state"])
+        results[len(results)] = json.loads(out.read_text())
     tokenizer = build_tokenizer(str(tmp_path / "run"))
-    assert results["stream"]["tokens"] == len(split_token_stream(load_corpus("python-docs")["validation"], tokenizer))
-    assert results["stream"]["tokens"] > results["tokens_evaluated"]
+    every_token = len(split_token_stream(load_corpus("python-docs")["validation"], tokenizer))
+    assert results[0]["stream"]["tokens"] == every_token > results[0]["tokens_evaluated"]
+    assert results[0]["stream"] == results[1]["stream"]  # the default is the streamed reading
+    assert results[2]["stream"] is None and results[2]["loss"] == results[0]["loss"]
 
 
 def test_carried_positions_restart_after_each_eos_whether_read_in_order_or_after_a_resume():

@@ -129,7 +129,7 @@ def trained_folder(tmp_path_factory):
 
 def test_lm_eval_rolling_loglikelihood_equals_the_streamed_evaluation(trained_folder):
     """lm-eval's HFLM scores a text after its prefix token (BOS, which is EOS here: what every document follows in
-    training); `hybrid-lm eval --carry-state`'s streamed evaluation (training.streams.evaluate_stream) reads the same
+    training); `hybrid-lm eval`'s streamed evaluation (training.streams.evaluate_stream) reads the same
     tokens after the same EOS. With one block covering the text they agree to rounding."""
     import numpy as np
     from accelerate import Accelerator

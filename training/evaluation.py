@@ -7,6 +7,10 @@ validation loss is reproduced exactly. Dataset, block size and batch size defaul
 
 Bits per character = total nats / characters / ln 2, with the split's character-per-token ratio (for
 `--max-batches` it is the whole split's ratio, as in training).
+
+Block by block, the first token of every block and the last partial block are not scored. For a hybrid model the
+split is also read as streams with the recurrent state carried from block to block (unless `--no-carry-state`):
+that reading scores every token of the split once, as lm-eval's rolling log-likelihood does.
 """
 
 import json
@@ -48,9 +52,10 @@ class EvalArguments:
     max_batches: int | None = arg(None, "evaluate only the first this many batches; unset or 0 = the whole split")
     output: str | None = arg(None, "also write the results as JSON to this file")
     carry_state: bool = arg(
-        False,
-        "also read the split as streams with the recurrent state carried from block to block (hybrid models): every "
-        "token is scored, the last partial block included, as `hybrid-lm train --carry-state` evaluates",
+        True,
+        "hybrid models: also read the split as streams with the recurrent state carried from block to block, which "
+        "scores every token once, the last partial block included, as lm-eval's rolling log-likelihood does "
+        "(--no-carry-state: block by block only); GPT-2 has no state and is scored block by block",
     )
 
     def __post_init__(self):
@@ -131,11 +136,6 @@ def evaluate_folder(args: EvalArguments) -> dict:
     model_dir = Path(args.model).expanduser()
     settings = resolve_settings(args, model_dir)
     check_block_size(model, settings.block_size)
-    if args.carry_state and model.config.model_type != "hybrid_rnn_lm":
-        raise UserError(
-            f"--carry-state carries a recurrent state; {model_dir} holds a {model.config.model_type} model, which has "
-            "none: leave --carry-state out"
-        )
     corpus = load_corpus(
         settings.dataset,
         dataset_config=settings.dataset_config,
@@ -154,7 +154,7 @@ def evaluate_folder(args: EvalArguments) -> dict:
     metric = load_metric(accelerator)
     metrics = evaluate_model(accelerator, model, batches, metric, stats.characters_per_token)
     streamed = None
-    if args.carry_state:
+    if args.carry_state and model.config.model_type == "hybrid_rnn_lm":
         # The state resets after an EOS only for a model trained that way (--carry-state); block-wise training runs
         # the state straight through the EOS between documents, and so does this reading.
         run = read_training_args(model_dir)
