@@ -78,8 +78,8 @@ class HybridRnnLmGruModelTest(ModelTesterMixin, unittest.TestCase):
         self.config_tester.run_common_tests()
 
     def test_attention_outputs(self):
-        """As transformers' Jamba test overrides it: attention weights come for the blocks with attention only, one
-        (batch, heads, length, length) tensor each, asked for by argument or by the config."""
+        """As transformers' Jamba, Bamba, Zamba and FalconH1 tests override it: attention weights come for the blocks
+        with attention only, one (batch, heads, length, length) tensor each, asked for by argument or by the config."""
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         if config.attention_layer_indices == list(range(config.num_hidden_layers)):
             return super().test_attention_outputs()  # every block has attention: the common test applies as is
