@@ -8,6 +8,7 @@ import torch
 from hybrid_rnn_lm import HybridRnnLmForSequenceClassification, HybridRnnLmModel
 from tests.test_modeling import (
     assert_batch_generates_what_each_prompt_generates_alone,
+    left_padded_prompts,
     peaky_model,
     random_ids,
     tiny_config,
@@ -60,6 +61,21 @@ def test_return_dict_false_gives_tuples(where):
 def test_static_cache_left_padded_batch_generates_what_each_prompt_generates_alone(rnn_type, layout):
     model = peaky_model(tiny_config(rnn_type, layout, num_hidden_layers=2))
     assert_batch_generates_what_each_prompt_generates_alone(model, cache_implementation="static")
+
+
+@pytest.mark.parametrize("rnn_type", ["gru", "mingru"])
+def test_static_cache_left_padded_batch_under_torch_compile(rnn_type):
+    """The same with the forward compiled (torch.compile, dynamic shapes; the eager backend needs no C++ compiler):
+    the compiled, left-padded, static-cache batch generates what each prompt generates alone without compilation."""
+    model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=2))
+    prompts, ids, mask = left_padded_prompts()
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    alone = [model.generate(prompt[None], **settings)[0, len(prompt) :] for prompt in prompts]
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager", dynamic=True)
+    batched = model.generate(ids, attention_mask=mask, cache_implementation="static", **settings)
+    for row, expected in enumerate(alone):
+        assert torch.equal(batched[row, ids.shape[1] :], expected), f"row {row} changed by padding under compile"
 
 
 def test_assisted_decoding_is_refused_before_any_work():
