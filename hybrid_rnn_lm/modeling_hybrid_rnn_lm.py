@@ -422,6 +422,7 @@ def gated_scan(
 
 
 TRACEABLE_CHUNK_SIZE = 64
+EXPORT_MAX_LENGTH = 8192  # the longest sequence a torch.export-ed scan cell takes (any length up to it)
 
 
 def linear_recurrence_scan_traceable(
@@ -438,9 +439,16 @@ def linear_recurrence_scan_traceable(
     dtype = b.dtype
     a, b = a.float(), b.float()
     batch, length, width = b.shape
-    # At least one padded step and two chunks, whatever the length: no size becomes 0 or 1 for some lengths only,
-    # which an exporter would have to branch on.
-    chunks = length // chunk_size + 2
+    if torch.compiler.is_exporting() and isinstance(length, torch.SymInt):
+        # torch.export cannot prove that a dynamic length split into chunks of a symbolic count divides evenly: pad
+        # to one fixed size instead, so that every shape below is static and any length up to EXPORT_MAX_LENGTH
+        # exports (a static length, such as a decoding step's 1, keeps the short padding).
+        torch._check(length <= EXPORT_MAX_LENGTH)
+        chunks = EXPORT_MAX_LENGTH // chunk_size + 1
+    else:
+        # At least one padded step and two chunks, whatever the length: no size becomes 0 or 1 for some lengths
+        # only, which torch.compile would have to branch on.
+        chunks = length // chunk_size + 2
     pad = chunks * chunk_size - length
     a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
     b = nn.functional.pad(b, (0, 0, 0, pad))

@@ -19,6 +19,7 @@ from hybrid_rnn_lm import (
     HybridRnnLmModel,
 )
 from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
+from hybrid_rnn_lm.modeling_hybrid_rnn_lm import EXPORT_MAX_LENGTH
 from tests.isolation import run_without_package
 from tests.test_modeling import peaky_model, random_ids, tiny_config
 
@@ -146,21 +147,21 @@ class Logits(torch.nn.Module):
 
 @pytest.mark.parametrize("rnn_type", ["mingru", "minlstm"])
 def test_torch_export_with_a_dynamic_length_reproduces_the_logits(rnn_type):
-    """The scan cells export once for every length that is a multiple of 64 (pad on the left with the attention
-    mask, which is exact), attention included; the fused cells' packing cannot be traced."""
+    """The scan cells export once for every length up to EXPORT_MAX_LENGTH, attention and a left-padding mask
+    included; the fused cells' packing cannot be traced."""
     wrapped = Logits(peaky_model(tiny_config(rnn_type, "every-2nd"))).eval()
-    ids = random_ids(2, 128)
-    length = 64 * torch.export.Dim("blocks", min=1, max=64)
+    ids = random_ids(2, 70)
+    length = torch.export.Dim("length", min=2, max=EXPORT_MAX_LENGTH)
     exported = torch.export.export(
         wrapped,
         (ids, torch.ones_like(ids)),
         dynamic_shapes={"input_ids": {1: length}, "attention_mask": {1: length}},
     )
     with torch.no_grad():
-        for tokens in (64, 192, 1024):
+        for tokens in (2, 9, 64, 333, 1000):
             other = random_ids(2, tokens, seed=tokens)
             mask = torch.ones_like(other)
-            mask[0, :7] = 0
+            mask[0, : tokens // 3] = 0
             torch.testing.assert_close(exported.module()(other, mask), wrapped(other, mask), atol=1e-5, rtol=0)
 
 
