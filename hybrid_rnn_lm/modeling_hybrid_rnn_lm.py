@@ -322,13 +322,17 @@ def scan_coefficients(projected: torch.Tensor, num_gates: int) -> tuple[torch.Te
     minLSTM (two gates): f = sigmoid(g_f), i = sigmoid(g_i),  a = f / (f + i), b = i / (f + i) * h~
     """
     if num_gates == 1:
-        gate, candidate = _wide(projected).chunk(2, dim=-1)
-        update = torch.sigmoid(gate)
+        update, candidate = _gates(projected, num_gates)
         return 1.0 - update, update * candidate
-    forget, write, candidate = _wide(projected).chunk(3, dim=-1)
-    forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+    forget, write, candidate = _gates(projected, num_gates)
     total = forget + write
     return forget / total, write / total * candidate
+
+
+def _gates(projected: torch.Tensor, num_gates: int) -> tuple[torch.Tensor, ...]:
+    """The projection split into its sigmoid gates and the candidate: (z, h~) or (f, i, h~)."""
+    *gates, candidate = _wide(projected).chunk(num_gates + 1, dim=-1)
+    return (*(torch.sigmoid(gate) for gate in gates), candidate)
 
 
 def masked_scan_coefficients(projected, num_gates, document_starts=None, padding_mask=None):
@@ -370,12 +374,10 @@ class _GatedScan(torch.autograd.Function):
         projected, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
         width = states.shape[-1]
         if ctx.num_gates == 1:
-            gate, candidate = _wide(projected).chunk(2, dim=-1)
-            update = torch.sigmoid(gate)
+            update, candidate = _gates(projected, 1)
             a = 1.0 - update
         else:
-            forget, write, candidate = _wide(projected).chunk(3, dim=-1)
-            forget, write = torch.sigmoid(forget), torch.sigmoid(write)
+            forget, write, candidate = _gates(projected, 2)
             total = forget + write
             a = forget / total
         a = _mask_gates(a, document_starts, padding_mask)
