@@ -190,6 +190,13 @@ class TrainArguments:
     carry_state_across_documents: bool = arg(
         False, "with --carry-state: do not reset the state after an EOS (the stream runs on across documents)"
     )
+    carry_state_streams: int = arg(
+        1,
+        "with --carry-state: cut each batch row's run of the training split into this many contiguous sub-streams, "
+        "each with its own carried state, and let every step continue a randomly drawn one per row, so that "
+        "consecutive batches come from different places of the text (1 = each row is one stream; "
+        "results/carry-state compares them)",
+    )
     report_to: str = arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
     log_steps: int = arg(10, "write a training-loss line to metrics.jsonl every this many steps")
     sample_prompt: str = arg("The ", "prompt of the text sample generated at the end")
@@ -218,6 +225,10 @@ class TrainArguments:
             raise UserError(f"--min-lr-rate must be in [0, 1], got {self.min_lr_rate}")
         if self.carry_state_across_documents and not self.carry_state:
             raise UserError("--carry-state-across-documents only applies with --carry-state; add --carry-state")
+        if self.carry_state_streams < 1:
+            raise UserError(f"--carry-state-streams must be >= 1, got {self.carry_state_streams}")
+        if self.carry_state_streams > 1 and not self.carry_state:
+            raise UserError("--carry-state-streams only applies with --carry-state; add --carry-state")
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("--max-steps and --epochs both given; pass only one of them")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -205,18 +205,17 @@ def train_loop(parts: LoopParts, progress: TrainingProgress, args: TrainArgument
 
 
 def _carried_step(model, batch: dict, carried) -> torch.Tensor:
-    from training.streams import detach_states
-
     if batch["fresh"]:  # a new epoch: the streams start again from the beginning, from a zero state
         carried.states = None
+    streams = batch.get("streams")  # the sub-stream each row continues (--carry-state-streams)
     output = model(
         input_ids=batch["input_ids"],
         labels=batch["input_ids"],
         position_ids=batch["position_ids"],  # restart at 0 after each EOS: the state resets there
-        recurrent_states=carried.states,
+        recurrent_states=carried.take(streams),
         output_recurrent_states=True,
     )
-    carried.states = detach_states(output.recurrent_states)
+    carried.put(streams, output.recurrent_states)
     return output.loss
 
 

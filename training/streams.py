@@ -5,6 +5,12 @@ blocks are dealt to the rows of the global batch as contiguous runs, so that row
 (L = blocks // rows), one per micro-step; the recurrent state after one micro-step, detached, is the initial state of
 the next. Every process owns its own rows (disjoint streams), and an epoch is L micro-steps.
 
+With `--carry-state-streams K` (K > 1) each row's run is cut into K contiguous sub-streams, each with its own carried
+state, and every micro-step a row continues one of its sub-streams, drawn at random (seed, epoch, row) so that each
+sub-stream is still read in order, block after block, and the epoch reads each once. Consecutive batches then come
+from different places of the text (as shuffled blocks do) instead of being neighbours, while every block still starts
+from the state its sub-stream's previous block ended in.
+
 Documents: after an EOS a new document starts. Its `position_ids` restart at 0, which the model reads as "reset the
 recurrent state here, and keep attention inside the document" (the packed-sequence convention of Hugging Face's
 padding-free training); `--carry-state-across-documents` leaves them out, so the state runs on through EOS.
@@ -41,37 +47,84 @@ def document_position_ids(input_ids: torch.Tensor, eos_id: int, first_is_start: 
 
 
 class CarriedStreams:
-    """The micro-batches of one process under --carry-state: row i of micro-step k is block `row * L + k`."""
+    """The micro-batches of one process under --carry-state. Row r owns K sub-streams of S blocks each (K =
+    `streams_per_row`, S = blocks // (rows * K)), sub-stream j of row r being blocks (r * K + j) * S, ... + S - 1;
+    an epoch is K * S micro-steps, and in each a row reads the next block of one of its sub-streams. With K = 1, row r
+    of micro-step k is block r * S + k."""
 
-    def __init__(self, blocks, batch_size: int, process_index: int, num_processes: int, eos_id: int | None):
+    def __init__(
+        self,
+        blocks,
+        batch_size: int,
+        process_index: int,
+        num_processes: int,
+        eos_id: int | None,
+        streams_per_row: int = 1,
+        seed: int = 0,
+    ):
         rows = batch_size * num_processes
-        self.length = len(blocks) // rows  # micro-steps per epoch
-        if self.length < 1:
+        self.streams_per_row = streams_per_row
+        self.stream_length = len(blocks) // (rows * streams_per_row)  # blocks per sub-stream
+        if self.stream_length < 1:
             raise UserError(
-                f"--carry-state needs at least one block per batch row: the training split has {len(blocks)} blocks "
-                f"for {rows} rows; lower --batch-size or --block-size, or use more data"
+                f"--carry-state needs at least one block per stream: the training split has {len(blocks)} blocks "
+                f"for {rows} rows x {streams_per_row} streams per row; lower --batch-size, --block-size or "
+                "--carry-state-streams, or use more data"
             )
+        self.length = self.stream_length * streams_per_row  # micro-steps per epoch
         self.blocks = blocks.with_format("numpy")
         self.rows = np.arange(process_index * batch_size, (process_index + 1) * batch_size)  # this process's rows
         self.eos_id = eos_id  # None: no document resets (--carry-state-across-documents)
-        self._last_tokens: dict[int, np.ndarray] = {}  # micro-step -> last token of every row's block
+        self.seed = seed
+        self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def block_indices(self, micro_step: int) -> np.ndarray:
-        return self.rows * self.length + micro_step
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, length) sub-stream read by each row at each micro-step of `epoch`, and the block's position in it."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            count, length = self.streams_per_row, self.stream_length
+            if count == 1:
+                streams = np.zeros((len(self.rows), length), dtype=np.int64)
+                positions = np.broadcast_to(np.arange(length), streams.shape)
+            else:
+                streams = np.stack(
+                    [
+                        np.random.default_rng([self.seed, epoch, row]).permutation(np.repeat(np.arange(count), length))
+                        for row in self.rows
+                    ]
+                )
+                positions = np.empty_like(streams)
+                for stream in range(count):  # the k-th time a row reads a sub-stream, it reads its k-th block
+                    chosen = streams == stream
+                    positions[chosen] = (np.cumsum(chosen, axis=1) - 1)[chosen]
+            self._epoch_order = (epoch, streams, positions)
+        return self._epoch_order[1], self._epoch_order[2]
 
-    def batch(self, micro_step: int) -> dict:
-        """{"input_ids", "position_ids" (None without resets), "fresh": a new epoch, the carried state starts at 0}."""
-        input_ids = torch.as_tensor(self.blocks[self.block_indices(micro_step)]["input_ids"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "position_ids": None, "fresh": micro_step == 0}
+    def block_indices(self, micro_step: int, epoch: int = 0, back: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(block of each row at `micro_step`, `back` blocks earlier in its sub-stream; the sub-stream of each row)."""
+        streams, positions = self.order(epoch)
+        stream = streams[:, micro_step]
+        first = (self.rows * self.streams_per_row + stream) * self.stream_length
+        return first + positions[:, micro_step] - back, stream
+
+    def batch(self, micro_step: int, epoch: int = 0) -> dict:
+        """{"input_ids", "position_ids" (None without resets), "fresh": a new epoch, every carried state starts at 0,
+        "streams": the sub-stream each row continues (None with one stream per row)}."""
+        indices, stream = self.block_indices(micro_step, epoch)
+        input_ids = torch.as_tensor(self.blocks[indices]["input_ids"], dtype=torch.long)
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": None,
+            "fresh": micro_step == 0,
+            "streams": None if self.streams_per_row == 1 else torch.as_tensor(stream),
+        }
         if self.eos_id is not None:
-            if micro_step == 0:
-                first_is_start = torch.ones(len(self.rows), dtype=torch.bool)
-            else:  # the token before each row's block: the last of its previous block (read again after a resume)
-                previous = self._last_tokens.get(micro_step - 1)
-                if previous is None:
-                    previous = self.blocks[self.block_indices(micro_step - 1)]["input_ids"][:, -1]
-                first_is_start = torch.as_tensor(previous == self.eos_id)
-            self._last_tokens = {micro_step: input_ids[:, -1].numpy()}
+            # A sub-stream's first block starts a document; any other continues unless the block before it in its
+            # sub-stream ended with an EOS.
+            _, positions = self.order(epoch)
+            starting = positions[:, micro_step] == 0
+            previous, _ = self.block_indices(micro_step, epoch, back=1)
+            last = self.blocks[np.where(starting, indices, previous)]["input_ids"][:, -1]
+            first_is_start = torch.as_tensor(starting | (last == self.eos_id))
             batch["position_ids"] = document_position_ids(input_ids, self.eos_id, first_is_start)
         return batch
 
@@ -80,7 +133,7 @@ def carried_batch_stream(streams: CarriedStreams, progress, device):
     """Endless micro-batches, epoch after epoch, from `progress`'s (epoch, batches_in_epoch) position."""
     while True:
         while progress.batches_in_epoch < streams.length:
-            batch = streams.batch(progress.batches_in_epoch)
+            batch = streams.batch(progress.batches_in_epoch, progress.epoch)
             progress.batches_in_epoch += 1
             yield {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
         progress.epoch += 1
@@ -92,11 +145,34 @@ def detach_states(states) -> list[torch.Tensor] | None:
 
 
 class CarriedState:
-    """This process's carried recurrent state (one (B, S, H) tensor per block, or None at the start of an epoch);
-    saved with every checkpoint as `carried_state-<process>.safetensors` (tensors only, never a pickle)."""
+    """This process's carried recurrent states: per block a (K, B, S, H) tensor (K sub-streams per row, B rows), or
+    None at the start of an epoch; saved with every checkpoint as `carried_state-<process>.safetensors` (tensors only,
+    never a pickle)."""
 
-    def __init__(self):
+    def __init__(self, streams_per_row: int = 1):
+        self.streams_per_row = streams_per_row
         self.states: list[torch.Tensor] | None = None
+
+    def take(self, streams: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The states each row continues from: row b's state of sub-stream streams[b] (sub-stream 0 if None)."""
+        if self.states is None:
+            return None
+        if streams is None:
+            return [state[0] for state in self.states]
+        rows = torch.arange(len(streams), device=streams.device)
+        return [state[streams.to(state.device), rows.to(state.device)] for state in self.states]
+
+    def put(self, streams: torch.Tensor | None, states: list[torch.Tensor]) -> None:
+        """Keep `states` (detached) as the states of the sub-streams the rows just read. Out of place: the states
+        handed out by `take` may be saved for the backward pass that has yet to run."""
+        states = detach_states(states)
+        if streams is None:
+            self.states = [state.unsqueeze(0) for state in states]
+            return
+        if self.states is None:
+            self.states = [state.new_zeros((self.streams_per_row, *state.shape)) for state in states]
+        index = (streams.to(states[0].device), torch.arange(len(streams), device=states[0].device))
+        self.states = [bank.index_put(index, state) for bank, state in zip(self.states, states)]
 
     @staticmethod
     def file_name(process_index: int) -> str:
@@ -125,10 +201,15 @@ class CarriedState:
         except (SafetensorError, OSError) as error:
             raise UserError(f"{path} cannot be read ({error}); resume from another checkpoint") from None
         states = [tensors[f"block.{i}"] for i in range(len(tensors))] if tensors else None
-        if states is not None and states[0].shape[0] != batch_size:
-            raise UserError(
-                f"{path} carries {states[0].shape[0]} rows, not --batch-size {batch_size}; resume with the run's options"
-            )
+        if states is not None:
+            if states[0].dim() == 3:  # saved with one stream per row, before sub-streams existed
+                states = [state.unsqueeze(0) for state in states]
+            if tuple(states[0].shape[:2]) != (self.streams_per_row, batch_size):
+                raise UserError(
+                    f"{path} carries {states[0].shape[0]} streams x {states[0].shape[1]} rows, not "
+                    f"--carry-state-streams {self.streams_per_row} x --batch-size {batch_size}; resume with the run's "
+                    "options"
+                )
         self.states = states
 
 

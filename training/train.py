@@ -179,6 +179,11 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             "--carry-state carries the recurrent state between blocks: only the hybrid architecture has one "
             "(GPT-2's context is its block); drop --carry-state or use --architecture hybrid"
         )
+    if data_args.streaming and train_args.carry_state_streams > 1:
+        raise UserError(
+            "--carry-state-streams needs the whole training split in memory (each row's run is cut into sub-streams); "
+            "drop --streaming or --carry-state-streams"
+        )
     if data_args.streaming and train_args.max_steps is None and train_args.max_train_minutes is None:
         raise UserError(
             "--streaming reads a corpus of unknown length: give --max-steps or --max-train-minutes (not --epochs)"
@@ -218,7 +223,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     if train_args.carry_state:
         from training.streams import CarriedState
 
-        carried = CarriedState()
+        carried = CarriedState(train_args.carry_state_streams)
         if resume_from is not None:
             carried.load(resume_from, accelerator.process_index, accelerator.device, train_args.batch_size)
     batches, batches_per_epoch = training_batches(
@@ -496,6 +501,7 @@ RUN_SHAPING_OPTIONS = (
     "mixed_precision",
     "carry_state",
     "carry_state_across_documents",
+    "carry_state_streams",
     "streaming",
 )
 # What a resume never records as a change: where the run is and how it was started.
@@ -664,7 +670,10 @@ def training_batches(tokenized, tokenizer, data_args, train_args, accelerator, p
         return ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches), None
     if train_args.carry_state:
         eos_id = tokenizer.eos_token_id if reset_documents else None
-        streams = CarriedStreams(tokenized["train"], train_args.batch_size, rank, world, eos_id)
+        streams = CarriedStreams(
+            tokenized["train"], train_args.batch_size, rank, world, eos_id, train_args.carry_state_streams,
+            train_args.seed,
+        )  # fmt: skip
         return carried_batch_stream(streams, progress, device), streams.length
     return None, len(train_dataloader)
 
