@@ -208,3 +208,87 @@ def test_carried_positions_restart_after_each_eos_whether_read_in_order_or_after
     assert (positions[elsewhere] > 0).all()  # the state is kept everywhere else
     resumed = CarriedStreams(blocks, 4, 0, 1, tokenizer.eos_token_id).batch(37)
     assert torch.equal(resumed["position_ids"], batches[37]["position_ids"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --carry-state-streams: several sub-streams per row
+# ------------------------------------------------------------------------------------------------------------
+
+
+def numbered_blocks(count: int, block_size: int, eos_every: int | None = None):
+    """A training split of `count` blocks whose token stream is 3, 4, 5, ... (mod 50, EOS every `eos_every`)."""
+    from datasets import Dataset
+
+    stream = 3 + np.arange(count * block_size) % 47
+    if eos_every:
+        stream[eos_every - 1 :: eos_every] = EOS
+    return Dataset.from_dict({"input_ids": stream.reshape(count, block_size)}), stream
+
+
+def test_sub_streams_are_each_read_in_order_once_per_epoch_in_a_seeded_random_interleaving():
+    from training.streams import CarriedStreams
+
+    blocks, _ = numbered_blocks(101, 4)
+    streams = CarriedStreams(blocks, 4, 0, 1, None, streams_per_row=3, seed=7)
+    assert (streams.stream_length, streams.length) == (8, 24)  # 101 blocks // (4 rows x 3) = 8 per sub-stream
+    read = np.stack([streams.block_indices(step)[0] for step in range(streams.length)], axis=1)  # (rows, steps)
+    for row in range(4):
+        region = np.arange(row * 24, (row + 1) * 24)  # the row's run of the split, cut into 3 sub-streams of 8
+        assert sorted(read[row]) == region.tolist()  # every block of the run once per epoch
+        for stream in range(3):
+            own = read[row][(read[row] >= region[0] + 8 * stream) & (read[row] < region[0] + 8 * (stream + 1))]
+            assert own.tolist() == list(region[0] + 8 * stream + np.arange(8))  # each sub-stream in order
+        assert not np.array_equal(read[row], np.sort(read[row]))  # interleaved, not one sub-stream after another
+    next_epoch = np.stack([streams.block_indices(step, epoch=1)[0] for step in range(streams.length)], axis=1)
+    assert not np.array_equal(next_epoch, read)  # a new interleaving every epoch ...
+    again = CarriedStreams(blocks, 4, 0, 1, None, streams_per_row=3, seed=7)
+    assert np.array_equal(np.stack([again.block_indices(s, epoch=1)[0] for s in range(24)], axis=1), next_epoch)
+    # ... drawn from the seed, so that a resumed run reads the same; another process reads other rows.
+    other = CarriedStreams(blocks, 2, 1, 2, None, streams_per_row=3, seed=7)
+    assert set(np.concatenate([other.block_indices(s)[0] for s in range(24)])) == set(range(48, 96))
+
+
+@pytest.mark.parametrize("rnn_type", ["gru", "mingru"])
+def test_interleaved_sub_streams_carry_each_its_own_state(rnn_type):
+    """Training steps over interleaved sub-streams give, block for block, the loss of each sub-stream read in one
+    forward pass (its documents reset at every EOS): every block starts from the state its sub-stream's previous
+    block ended in."""
+    from training.loop import _carried_step
+    from training.streams import CarriedState, CarriedStreams
+
+    torch.manual_seed(0)
+    model = peaky_model(tiny_config(rnn_type, "no-attention", vocab_size=50)).eval()
+    blocks, stream = numbered_blocks(48, 8, eos_every=29)
+    streams = CarriedStreams(blocks, 3, 0, 1, EOS, streams_per_row=4, seed=3)
+    carried = CarriedState(streams_per_row=4)
+    subs = stream.reshape(3 * 4, 4 * 8)  # sub-stream s of row r is line r * 4 + s: 4 blocks of 8
+    full_nll = []
+    with torch.no_grad():
+        for line in subs:
+            ids = torch.as_tensor(line)[None]
+            starts = torch.ones(1, dtype=torch.bool)
+            logits = model(ids, position_ids=document_position_ids(ids, EOS, starts), use_cache=False).logits
+            nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+            full_nll.append(nll.reshape(-1))
+    with torch.no_grad():
+        for step in range(streams.length):
+            batch = streams.batch(step)
+            loss = _carried_step(model, batch, carried)
+            indices, sub = streams.block_indices(step)
+            expected = []
+            for row in range(3):
+                position = indices[row] - (row * 4 + sub[row]) * 4
+                # Inside a block the loss scores tokens 1..7 from tokens 0..6.
+                expected.append(full_nll[row * 4 + sub[row]][position * 8 : position * 8 + 7])
+            assert loss.item() == pytest.approx(torch.cat(expected).mean().item(), abs=1e-5), step
+
+
+def test_carry_state_streams_is_checked_before_anything_is_written(tmp_path):
+    for options, message in [
+        (dict(carry_state_streams=2), "only applies with --carry-state"),
+        (dict(carry_state=True, carry_state_streams=0), "must be >= 1, got 0"),
+        (dict(carry_state=True, carry_state_streams=2, streaming=True, max_steps=2), "drop --streaming"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            run_training(*arguments_from_dict(tiny_options(tmp_path / "run", **options)))
+        assert not (tmp_path / "run").exists()

@@ -80,21 +80,32 @@ def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: 
         (signal.SIGKILL, None),
         (signal.SIGTERM, None),
         (signal.SIGKILL, "carry-state"),
+        (signal.SIGKILL, "carry-state-streams"),
         (signal.SIGKILL, "streaming"),
         (signal.SIGKILL, "streaming-carry-state"),
     ],
-    ids=["SIGKILL", "SIGTERM", "SIGKILL-carry-state", "SIGKILL-streaming", "SIGKILL-streaming-carry-state"],
+    ids=[
+        "SIGKILL",
+        "SIGTERM",
+        "SIGKILL-carry-state",
+        "SIGKILL-carry-state-streams",
+        "SIGKILL-streaming",
+        "SIGKILL-streaming-carry-state",
+    ],
 )
 def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop, variant):
     """SIGKILL: no handler, no cleanup, the process just stops. SIGTERM (what schedulers send): a checkpoint after
     the current step, the resume command, exit 143. With --carry-state the recurrent state carried into the next
-    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS);
+    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS),
+    with --carry-state-streams the states of every sub-stream and the order they are read in;
     with --streaming the data position is replayed from the stream (shuffle buffer included)."""
     corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
     if variant == "carry-state":
         options.update(dataset="python-docs", carry_state=True)
+    elif variant == "carry-state-streams":  # every row continues a randomly drawn one of its 3 sub-streams
+        options.update(dataset="python-docs", carry_state=True, carry_state_streams=3)
     elif variant is not None:  # a folder of documents, read lazily; small, so that the streams cross epochs
         folder = tmp_path / "documents"
         folder.mkdir()
