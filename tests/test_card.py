@@ -96,6 +96,8 @@ def test_card_body_documents_architecture_training_and_results(folder):
     assert "| Attention window | sliding, 16 tokens |" in text
     assert "| Evaluated on | full validation split |" in text
     assert f"| Validation loss (nats per token) | {results['full_validation']['loss']:.4f} |" in text
+    stream_loss = results["full_validation"]["stream"]["loss"]
+    assert f"| Validation loss read as one stream, recurrent state carried (every token) | {stream_loss:.4f} |" in text
     assert f"| Loss of the periodic evaluation that chose the best step | {results['best_val_loss']:.4f} |" in text
     assert "| `max_steps` | `12` |" in text and "| `learning_rate` | `0.01` |" in text
     assert "![Training and validation loss](loss_curve.png)" in text

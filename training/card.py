@@ -307,6 +307,11 @@ def result_rows(results: dict | None) -> list[tuple[str, str]]:
     ]
     if headline.get("bits_per_character") is not None:
         rows.append(("Bits per character", _num(headline["bits_per_character"])))
+    stream = headline.get("stream")
+    if stream:  # hybrid models: every token of the split, the recurrent state carried from block to block
+        rows.append(
+            ("Validation loss read as one stream, recurrent state carried (every token)", _num(stream["loss"]))
+        )
     if results.get("full_validation"):
         rows.append(("Loss of the periodic evaluation that chose the best step", _num(results["best_val_loss"])))
     if results.get("train_tokens") is not None:
