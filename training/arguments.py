@@ -195,7 +195,7 @@ class TrainArguments:
         "with --carry-state: cut each batch row's run of the training split into this many contiguous sub-streams, "
         "each with its own carried state, and let every step continue a randomly drawn one per row, so that "
         "consecutive batches come from different places of the text (1 = each row is one stream; "
-        "results/carry-state compares them)",
+        "results/carry-state-streams compares them)",
     )
     report_to: str = arg("none", "experiment trackers, comma separated: none, all, tensorboard, wandb, mlflow, ...")
     log_steps: int = arg(10, "write a training-loss line to metrics.jsonl every this many steps")
