@@ -234,59 +234,76 @@ def linear_recurrence_scan(
 
 
 def _chunked_scan(
-    a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int, inplace: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+    inplace: bool = False,
+    reverse: bool = False,
 ) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + b_t on (B, T, H) float tensors, outside autograd. a and b are left unchanged, unless
-    `inplace` says that the caller hands over two fresh contiguous tensors: then they are the working copies.
+    """h_t = a_t * h_{t-1} + b_t on (B, T, H) float tensors, outside autograd; `reverse` runs the same recurrence from
+    the last step to the first, h_t = a_t * h_{t+1} + b_t (`initial_state` then enters after the last step), which
+    is what the backward pass needs. a and b are left unchanged, unless `inplace` says that the caller hands over
+    two fresh contiguous tensors: then they are the working copies.
 
-    1. Inside each chunk of `chunk_size` steps, a Hillis-Steele scan combines (a, b) pairs in log2(chunk_size)
-       vectorised passes: b becomes the state from a zero start at the chunk's beginning, a the product of the gates.
-    2. The chunk ends form a recurrence of the same kind, T / chunk_size long: this function solves it recursively,
-       which gives the state entering every chunk.
+    1. The sequence is cut into chunks of `chunk_size` steps, viewed as (B, n, C, H). A sweep over the C positions
+       of a chunk runs every chunk at once: each of its C - 1 vectorised multiply-adds advances all n chunks by one
+       step, so b becomes the state from a zero start at the chunk's beginning and a the product of the gates.
+    2. The chunk ends form a recurrence of the same kind, n = T / chunk_size long: this function solves it
+       recursively, which gives the state entering every chunk.
     3. One multiply-add brings that state into every position of its chunk.
-    The work is O(T log chunk_size) and the recursion log_chunk_size(T) deep. Every pass updates a working copy in
-    place: nothing is concatenated, and nothing is kept for a backward pass. Every gate is in [0, 1], so the scan only
-    multiplies numbers of at most 1 and adds: nothing can overflow, at any length.
+    About 2 passes over the data per level, in place; the recursion is log_chunk_size(T) deep, so a sequence of any
+    length takes at most (chunk_size - 1) * log_chunk_size(T) vectorised steps, never one per time step. Nothing is
+    concatenated, and nothing is kept for a backward pass. Every gate is in [0, 1], so the scan only multiplies
+    numbers of at most 1 and adds: nothing can overflow, at any length.
     """
     batch, length, width = b.shape
     if length == 1:  # a decoding step
-        return b.clone() if initial_state is None else torch.addcmul(b, a, initial_state[:, None])
+        if initial_state is None:
+            return b if inplace else b.clone()
+        return b.addcmul_(a, initial_state[:, None]) if inplace else torch.addcmul(b, a, initial_state[:, None])
     chunk = min(max(chunk_size, 2), length)
     pad = -length % chunk
-    # Working copies; past the end a = 1, b = 0: the padded steps change nothing and are cut off below.
+    # Working copies; beyond the sequence a = 1, b = 0 (after its end, or before its start when reversed): the
+    # padded steps change nothing and are cut off below.
     if pad or not inplace:
-        a = nn.functional.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.clone()
-        b = nn.functional.pad(b, (0, 0, 0, pad)) if pad else b.clone()
+        padding = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
+        a = nn.functional.pad(a, padding, value=1.0) if pad else a.clone()
+        b = nn.functional.pad(b, padding) if pad else b.clone()
     num_chunks = (length + pad) // chunk
     a = a.view(batch, num_chunks, chunk, width)
     b = b.view(batch, num_chunks, chunk, width)
-    carry = num_chunks > 1 or initial_state is not None  # else the gate products are not needed after the scan
-    # 1. Scan inside every chunk at once (each right-hand side is a new tensor: the two slices overlap).
-    offset = 1
-    while offset < chunk:
-        b[:, :, offset:] += a[:, :, offset:] * b[:, :, :-offset]
-        if carry or 2 * offset < chunk:
-            a[:, :, offset:] = a[:, :, offset:] * a[:, :, :-offset]
-        offset *= 2
+    carry = num_chunks > 1 or initial_state is not None  # else the gate products are not needed after the sweep
+    # 1. Along every chunk at once (step j reads step j - 1, or j + 1 when reversed: distinct slices, in place).
+    for step in range(chunk - 2, -1, -1) if reverse else range(1, chunk):
+        previous = step + 1 if reverse else step - 1
+        b[:, :, step].addcmul_(a[:, :, step], b[:, :, previous])
+        if carry:
+            a[:, :, step].mul_(a[:, :, previous])
     if carry:
-        # 2. The state after every chunk: the same recurrence over the chunk ends, (B, n, H).
-        ends = _chunked_scan(a[:, :, -1], b[:, :, -1], initial_state, chunk_size)
-        # 3. Its decayed contribution at every position of the next chunk.
-        b[:, 1:].addcmul_(a[:, 1:], ends[:, :-1, None])
+        first, last = (slice(1, None), slice(None, -1)) if reverse else (slice(None, -1), slice(1, None))
+        entry = -1 if reverse else 0  # the chunk the initial state enters
+        if num_chunks > 1:
+            # 2. The state after every chunk (its last step; its first when reversed): a recurrence over chunks.
+            edge = 0 if reverse else chunk - 1
+            ends = _chunked_scan(a[:, :, edge], b[:, :, edge], initial_state, chunk_size, reverse=reverse)
+            # 3. Its decayed contribution at every position of the next chunk.
+            b[:, last].addcmul_(a[:, last], ends[:, first, None])
         if initial_state is not None:
-            b[:, 0].addcmul_(a[:, 0], initial_state[:, None])
-    return b.view(batch, -1, width)[:, :length]
+            b[:, entry].addcmul_(a[:, entry], initial_state[:, None])
+    states = b.view(batch, -1, width)
+    return states[:, pad:] if reverse else states[:, :length]
 
 
 def _scan_backward(a, states, initial_state, grad_states, chunk_size):
     """Gradients of h = scan(a, b, h_0) from g = dL/dh. The gradient reaching h_t, d_t = g_t + a_{t+1} d_{t+1}, is
     the same linear recurrence run from the last step to the first; then dL/db_t = d_t, dL/da_t = d_t * h_{t-1} and
     dL/dh_0 = a_1 * d_1. Returns (grad_a, grad_b, grad_h0 or None)."""
-    # Backwards in time, step u is t = T - 1 - u; its gate is a_{t+1} (the first step starts from zero).
-    reversed_gates = torch.empty_like(a)
-    reversed_gates[:, 0] = 1.0
-    reversed_gates[:, 1:] = a[:, 1:].flip(1)
-    grad_b = _chunked_scan(reversed_gates, grad_states.to(a.dtype).flip(1), None, chunk_size, inplace=True).flip(1)
+    next_gates = torch.empty_like(a)  # a_{t+1} at t; nothing follows the last step
+    next_gates[:, :-1] = a[:, 1:]
+    next_gates[:, -1] = 0.0
+    grad_b = grad_states.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
+    grad_b = _chunked_scan(next_gates, grad_b, None, chunk_size, inplace=True, reverse=True)
     grad_a = torch.empty_like(a)
     torch.mul(grad_b[:, 1:], states[:, :-1], out=grad_a[:, 1:])
     if initial_state is None:
@@ -353,6 +370,11 @@ def _mask_gates(a, document_starts, padding_mask):
     return a
 
 
+def _masks_at(document_starts, padding_mask, steps: slice):
+    """Both masks (each None or (B, T)) restricted to the time steps `steps`."""
+    return tuple(None if mask is None else mask[:, steps] for mask in (document_starts, padding_mask))
+
+
 class _GatedScan(torch.autograd.Function):
     """A scan cell's gates, masks and scan in one autograd node: from the input projection (B, T, (gates + 1) * H)
     to every state (B, T, H), float32. Only the projection and the states are kept; the backward pass recomputes the
@@ -380,28 +402,37 @@ class _GatedScan(torch.autograd.Function):
             forget, write, candidate = _gates(projected, 2)
             total = forget + write
             a = forget / total
-        a = _mask_gates(a, document_starts, padding_mask)
-        grad_a, grad_b, grad_initial = _scan_backward(a, states, initial_state, grad_states, ctx.chunk_size)
-        # Where a mask sets a (or b) to a constant, no gradient reaches the gates through it.
-        if document_starts is not None:
-            grad_a.masked_fill_(document_starts[..., None], 0.0)
-        if padding_mask is not None:
-            grad_a.masked_fill_(~padding_mask[..., None], 0.0)
-            grad_b.masked_fill_(~padding_mask[..., None], 0.0)
+        # The gradient reaching h_t, d_t = g_t + a_{t+1} d_{t+1} (the masked a: 0 at a start, 1 at padding), is the
+        # scan run backwards in time; then dL/db_t = d_t and dL/da_t = d_t * h_{t-1}.
+        next_gates = torch.empty_like(a)
+        next_gates[:, :-1] = a[:, 1:]
+        next_gates[:, -1] = 0.0  # nothing follows the last step
+        next_gates[:, :-1] = _mask_gates(next_gates[:, :-1], *_masks_at(document_starts, padding_mask, slice(1, None)))
+        grad = grad_states.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
+        grad = _chunked_scan(next_gates, grad, None, ctx.chunk_size, inplace=True, reverse=True)
         grad_projected = torch.empty(projected.shape, dtype=a.dtype, device=projected.device)
+        # h_{t-1} as the gate sees it (zero at a document start: there a is a constant), built in the first slot.
+        first = grad_projected[..., :width]
+        first[:, 1:] = states[:, :-1]
+        first[:, 0] = 0.0 if initial_state is None else initial_state
+        if document_starts is not None:
+            first.masked_fill_(document_starts[..., None], 0.0)
         if ctx.num_gates == 1:
-            # a = 1 - z, b = z * h~:  dL/dz = dL/db * h~ - dL/da;  dz/dg = z (1 - z);  dL/dh~ = dL/db * z
-            torch.mul(grad_b, update, out=grad_projected[..., width:])
-            grad_update = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).neg_()
-            torch.mul(grad_update, update * (1.0 - update), out=grad_projected[..., :width])
+            # a = 1 - z, b = z * h~:  dL/dz = dL/db * h~ - dL/da = d (h~ - h_{t-1});  dz/dg = z (1 - z);  dL/dh~ = d z
+            torch.sub(candidate, first, out=first).mul_(grad).mul_(update).mul_(a)
+            torch.mul(grad, update, out=grad_projected[..., width:])
         else:
-            # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/da - dL/db * h~) / s^2: dL/df = q * i,
-            # dL/di = -q * f, dL/dh~ = dL/db * i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
-            q = torch.addcmul(grad_a, grad_b, candidate, value=-1.0).div_(total * total)
-            torch.mul(q * write, forget * (1.0 - forget), out=grad_projected[..., :width])
-            torch.mul(q * forget, write * (write - 1.0), out=grad_projected[..., width : 2 * width])
-            torch.mul(grad_b, write / total, out=grad_projected[..., 2 * width :])
-        grad_initial = grad_initial if ctx.needs_input_grad[1] else None
+            # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/da - dL/db * h~) / s^2 = d (h_{t-1} - h~) / s^2:
+            # dL/df = q i, dL/di = -q f, dL/dh~ = d i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
+            first.sub_(candidate).mul_(grad).div_(total).div_(total)  # q
+            torch.mul(first, forget, out=grad_projected[..., width : 2 * width]).mul_(write).mul_(write - 1.0)
+            first.mul_(write).mul_(forget).mul_(1.0 - forget)
+            torch.mul(grad, write, out=grad_projected[..., 2 * width :]).div_(total)
+        if padding_mask is not None:  # a padded step's a and b are constants: no gradient reaches its projection
+            grad_projected.masked_fill_(~padding_mask[..., None], 0.0)
+        grad_initial = None
+        if ctx.needs_input_grad[1]:  # dL/dh_0 = a_1 * d_1, with the masked a
+            grad_initial = grad[:, 0] * _mask_gates(a[:, :1], *_masks_at(document_starts, padding_mask, slice(0, 1)))[:, 0]
         return grad_projected.to(projected.dtype), grad_initial, None, None, None, None
 
 
@@ -433,7 +464,8 @@ def linear_recurrence_scan_traceable(
     """`linear_recurrence_scan` with no Python branch on the sequence length, for torch.export, ONNX and
     torch.compile(fullgraph=True) with a dynamic length (the fast path recurses a length-dependent number of times).
 
-    1. Chunks of a fixed `chunk_size`, each scanned inside by log2(chunk_size) Hillis-Steele passes, as above.
+    1. Chunks of a fixed `chunk_size`, each scanned inside by log2(chunk_size) Hillis-Steele passes (each builds a
+       new tensor: no in-place update, which tracing would have to replay).
     2. The state entering every chunk at once: with L_j = sum of log(gate products) of chunks 0..j, the state after
        chunk j is sum_{i <= j} exp(L_j - L_i) B_i + exp(L_j) h_0. Every exponent is <= 0 (gates <= 1), so nothing
        overflows; it costs (T / chunk_size)^2 * H, fine for inference lengths.

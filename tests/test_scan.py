@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid_rnn_lm import HybridRnnLmForCausalLM
 from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
+    _chunked_scan,
     gated_scan,
     linear_recurrence_reference,
     linear_recurrence_scan,
@@ -114,6 +115,22 @@ def test_hand_written_backward_passes_gradcheck(num_gates):
     )
     a, b, state = (t.double().requires_grad_() for t in gates_and_inputs(11, batch=2, width=3))
     assert torch.autograd.gradcheck(lambda *x: linear_recurrence_scan(*x, chunk_size=4), (a, b, state))
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1, 257])
+def test_the_reverse_scan_equals_the_reference_run_backwards(length, with_state):
+    """The backward pass's direction, h_t = a_t * h_{t+1} + b_t from the last step (the state enters after it):
+    the sequential reference on the time-reversed sequence, reversed back."""
+    a, b, h0 = gates_and_inputs(length, seed=3)
+    initial = h0 if with_state else None
+    expected = linear_recurrence_reference(a.flip(1), b.flip(1), initial).flip(1)
+    fast = _chunked_scan(a, b, initial, CHUNK, reverse=True)
+    assert fast.shape == (3, length, 5)
+    assert (fast - expected).abs().max().item() <= 1e-5
+    # In place on fresh copies (as the backward pass calls it): the same states.
+    in_place = _chunked_scan(a.clone(), b.clone(), initial, CHUNK, inplace=True, reverse=True)
+    assert (in_place - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 32, 1000])
