@@ -3,6 +3,7 @@
     python benchmarks/training_throughput.py                 # 12 x 64 and 12 x 256, one thread (~3 min, 2 cores)
     python benchmarks/training_throughput.py --threads 2 --shapes 12x64
     python benchmarks/training_throughput.py --chunk-sizes 8,16,32,64,128   # the scan's chunk size, mingru hybrid
+    python benchmarks/training_throughput.py --precisions bf16   # bfloat16 autocast only (--mixed-precision bf16)
     python benchmarks/training_throughput.py --quick         # a tiny run that only shows the table's shape
 
 One training step is what `hybrid-lm train` does: forward with labels, backward, AdamW step, on random token ids of
@@ -14,10 +15,15 @@ The reference is GPT-2 at nanoGPT's CPU size (4 layers x 128, 4 heads). Every hy
 (3 blocks, attention in block 2, 4 heads, as the default model) and the width whose parameter count is closest
 to GPT-2's within 10%, a multiple of 16 where one fits; the table prints both counts. GFLOP/s counts the floating-point work of one
 step (torch's FlopCounterMode: matrix products, attention, the fused cells' gate products) per second, beside the
-peak of one float32 matrix product measured in the same run.
+peak of one matrix product of the same precision measured in the same run.
+
+Every shape is measured in float32 and under bfloat16 autocast (what `hybrid-lm train --mixed-precision bf16` does:
+the matrix products in bf16, weights, optimizer state, norms and the recurrent scan in float32). Both models of a
+row share its precision; the ratio never compares a bf16 model with a float32 one.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
 from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2_LAYERS, GPT2_WIDTH, HEADS = 4, 128, 4  # nanoGPT's CPU recipe
 HYBRID_LAYERS, HYBRID_ATTENTION = 3, 2  # the default hybrid: 3 blocks, attention in every 2nd (block 1)
 
@@ -93,8 +100,16 @@ def with_optimizer(name: str, model: torch.nn.Module) -> Model:
     return Model(name, model, optimizer, parameter_count(model))
 
 
-def training_step(entry: Model, ids: torch.Tensor) -> None:
-    loss = entry.model(input_ids=ids, labels=ids).loss
+def autocast(precision: str):
+    """The trainer's --mixed-precision: bf16 autocast on the CPU, or nothing for float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=PRECISIONS[precision])
+
+
+def training_step(entry: Model, ids: torch.Tensor, precision: str = "fp32") -> None:
+    with autocast(precision):
+        loss = entry.model(input_ids=ids, labels=ids).loss
     loss.backward()
     entry.optimizer.step()
     entry.optimizer.zero_grad(set_to_none=True)
@@ -108,9 +123,9 @@ def step_flops(entry: Model, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """Best GFLOP/s of a float32 (size x size) @ (size x size) product on the current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10, precision: str = "fp32") -> float:
+    """Best GFLOP/s of a (size x size) @ (size x size) product in `precision` on the current thread count."""
+    a, b = torch.randn(size, size, dtype=PRECISIONS[precision]), torch.randn(size, size, dtype=PRECISIONS[precision])
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -120,20 +135,22 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def measure(models: list[Model], batch: int, block: int, rounds: int, steps: int, warmup: int) -> dict[str, float]:
+def measure(
+    models: list[Model], batch: int, block: int, rounds: int, steps: int, warmup: int, precision: str = "fp32"
+) -> dict[str, float]:
     """Median tokens/s of each model over `rounds` interleaved rounds of `steps` training steps."""
     ids = torch.randint(0, VOCAB_SIZE, (batch, block), generator=torch.Generator().manual_seed(0))
     for entry in models:
         for _ in range(warmup):
-            training_step(entry, ids)
+            training_step(entry, ids, precision)
     samples = {entry.name: [] for entry in models}
-    bar = tqdm(total=rounds * len(models), desc=f"{batch}x{block}", unit="run", leave=False)
+    bar = tqdm(total=rounds * len(models), desc=f"{batch}x{block} {precision}", unit="run", leave=False)
     for round_index in range(rounds):
         shift = round_index % len(models)
         for entry in models[shift:] + models[:shift]:
             start = time.perf_counter()
             for _ in range(steps):
-                training_step(entry, ids)
+                training_step(entry, ids, precision)
             samples[entry.name].append(steps * batch * block / (time.perf_counter() - start))
             bar.update(1)
     bar.close()
@@ -154,13 +171,14 @@ def throughput_table(args, shapes) -> str:
     reference_name = f"GPT-2 ({GPT2_LAYERS} x {GPT2_WIDTH})"
     target = parameter_count(gpt2(shapes[0][1]))
     widths = {rnn_type: matched_width(rnn_type, target) for rnn_type in args.rnn_types}
-    peak = matmul_peak_gflops()
+    peaks = {precision: matmul_peak_gflops(precision=precision) for precision in args.precisions}
+    peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); float32 matmul peak {peak:.1f} GFLOP/s; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak GFLOP/s: {peak_text}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps, medians",
         "",
-        "| model | width | params | batch x block | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
-        "|---|--:|--:|---|--:|--:|--:|--:|",
+        "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
+        "|---|--:|--:|---|---|--:|--:|--:|--:|",
     ]
     for batch, block in shapes:
         torch.manual_seed(0)
@@ -171,14 +189,16 @@ def throughput_table(args, shapes) -> str:
         ]
         ids = torch.randint(0, VOCAB_SIZE, (batch, block))
         flops = {entry.name: step_flops(entry, ids) for entry in models}
-        speed = measure(models, batch, block, args.rounds, args.steps, args.warmup)
-        for entry in models:
-            width = GPT2_WIDTH if entry.name == reference_name else int(entry.name.split(" x ")[-1].rstrip(")"))
-            gflops = flops[entry.name] * speed[entry.name] / (batch * block) / 1e9
-            lines.append(
-                f"| {entry.name} | {width} | {entry.parameters:,} | {batch} x {block} | {speed[entry.name]:,.0f} | "
-                f"{speed[entry.name] / speed[reference_name]:.2f}x | {gflops:.2f} | {100 * gflops / peak:.0f}% |"
-            )
+        for precision in args.precisions:
+            speed = measure(models, batch, block, args.rounds, args.steps, args.warmup, precision)
+            for entry in models:
+                width = GPT2_WIDTH if entry.name == reference_name else int(entry.name.split(" x ")[-1].rstrip(")"))
+                gflops = flops[entry.name] * speed[entry.name] / (batch * block) / 1e9
+                lines.append(
+                    f"| {entry.name} | {width} | {entry.parameters:,} | {batch} x {block} | {precision} | "
+                    f"{speed[entry.name]:,.0f} | {speed[entry.name] / speed[reference_name]:.2f}x | {gflops:.2f} | "
+                    f"{100 * gflops / peaks[precision]:.0f}% |"
+                )
     return "\n".join(lines)
 
 
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; figures are medians over them")
     parser.add_argument("--steps", type=int, default=4, help="training steps per model and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated"
+    )
     parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
     args = parser.parse_args(argv)
@@ -219,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in args.rnn_types if name not in RNN_TYPES]
     if unknown:
         raise SystemExit(f"error: --rnn-types {','.join(unknown)}: not a cell; choose from {', '.join(RNN_TYPES)}")
+    args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    if not args.precisions or any(name not in PRECISIONS for name in args.precisions):
+        raise SystemExit(f"error: --precisions {','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
     if args.quick:
         args.shapes, args.rounds, args.steps, args.warmup = "2x16", 1, 1, 0
     if args.chunk_sizes is not None:

@@ -18,14 +18,18 @@ def load(name: str):
 
 
 def test_training_throughput_prints_a_row_per_cell_and_the_gpt2_reference(capsys):
+    """Every cell and GPT-2, in float32 and under bf16 autocast; each precision's ratio is to its own GPT-2 row."""
     benchmark = load("training_throughput")
     benchmark.main(["--quick"])
     out = capsys.readouterr().out
-    assert "| model | width | params | batch x block | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |" in out
+    header = "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |"
+    assert header in out
     rows = [line for line in out.splitlines() if line.startswith("| GPT-2") or line.startswith("| hybrid")]
-    assert len(rows) == 1 + len(RNN_TYPES)
-    assert rows[0].split("|")[6].strip() == "1.00x"
-    assert [row.split("|")[1].split()[1] for row in rows[1:]] == list(RNN_TYPES)
+    assert len(rows) == 2 * (1 + len(RNN_TYPES))
+    for precision, group in zip(["fp32", "bf16"], (rows[: len(rows) // 2], rows[len(rows) // 2 :])):
+        assert {row.split("|")[5].strip() for row in group} == {precision}
+        assert group[0].startswith("| GPT-2") and group[0].split("|")[7].strip() == "1.00x"
+        assert [row.split("|")[1].split()[1] for row in group[1:]] == list(RNN_TYPES)
 
 
 def test_training_throughput_matches_parameters_within_ten_percent():
@@ -41,3 +45,9 @@ def test_training_throughput_rejects_an_unknown_cell():
     benchmark = load("training_throughput")
     with pytest.raises(SystemExit, match="--rnn-types transformer: not a cell"):
         benchmark.main(["--quick", "--rnn-types", "transformer"])
+
+
+def test_training_throughput_rejects_an_unknown_precision():
+    benchmark = load("training_throughput")
+    with pytest.raises(SystemExit, match="--precisions fp16: choose from fp32, bf16"):
+        benchmark.main(["--quick", "--precisions", "fp16"])
