@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per model and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument(
-        "--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated"
+        "--precisions",
+        default="fp32,bf16",
+        help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated",
     )
     parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")

@@ -295,15 +295,22 @@ def _chunked_scan(
     return states[:, pad:] if reverse else states[:, :length]
 
 
+def _gradient_scan(a, grad_states, chunk_size, next_starts=None, next_padding=None):
+    """d_t = g_t + a_{t+1} d_{t+1} from g = dL/dh: the gradient reaching every state h_t of h = scan(a, b, h_0), the
+    same linear recurrence run from the last step to the first, in place on one fresh copy of g. `next_starts` and
+    `next_padding` (masks of steps 1..T-1, or None) mask the gates a_{t+1} as `_mask_gates` does."""
+    next_gates = torch.empty_like(a)  # a_{t+1} at step t; nothing follows the last step
+    next_gates[:, :-1] = _mask_gates(a[:, 1:], next_starts, next_padding)
+    next_gates[:, -1] = 0.0
+    grad = grad_states.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
+    return _chunked_scan(next_gates, grad, None, chunk_size, inplace=True, reverse=True)
+
+
 def _scan_backward(a, states, initial_state, grad_states, chunk_size):
     """Gradients of h = scan(a, b, h_0) from g = dL/dh. The gradient reaching h_t, d_t = g_t + a_{t+1} d_{t+1}, is
     the same linear recurrence run from the last step to the first; then dL/db_t = d_t, dL/da_t = d_t * h_{t-1} and
     dL/dh_0 = a_1 * d_1. Returns (grad_a, grad_b, grad_h0 or None)."""
-    next_gates = torch.empty_like(a)  # a_{t+1} at t; nothing follows the last step
-    next_gates[:, :-1] = a[:, 1:]
-    next_gates[:, -1] = 0.0
-    grad_b = grad_states.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
-    grad_b = _chunked_scan(next_gates, grad_b, None, chunk_size, inplace=True, reverse=True)
+    grad_b = _gradient_scan(a, grad_states, chunk_size)
     grad_a = torch.empty_like(a)
     torch.mul(grad_b[:, 1:], states[:, :-1], out=grad_a[:, 1:])
     if initial_state is None:
@@ -402,14 +409,10 @@ class _GatedScan(torch.autograd.Function):
             forget, write, candidate = _gates(projected, 2)
             total = forget + write
             a = forget / total
-        # The gradient reaching h_t, d_t = g_t + a_{t+1} d_{t+1} (the masked a: 0 at a start, 1 at padding), is the
-        # scan run backwards in time; then dL/db_t = d_t and dL/da_t = d_t * h_{t-1}.
-        next_gates = torch.empty_like(a)
-        next_gates[:, :-1] = a[:, 1:]
-        next_gates[:, -1] = 0.0  # nothing follows the last step
-        next_gates[:, :-1] = _mask_gates(next_gates[:, :-1], *_masks_at(document_starts, padding_mask, slice(1, None)))
-        grad = grad_states.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
-        grad = _chunked_scan(next_gates, grad, None, ctx.chunk_size, inplace=True, reverse=True)
+        # d_t, the gradient reaching h_t, through the masked gates (0 at a start, 1 at padding); dL/db_t = d_t and
+        # dL/da_t = d_t * h_{t-1}.
+        next_masks = _masks_at(document_starts, padding_mask, slice(1, None))
+        grad = _gradient_scan(a, grad_states, ctx.chunk_size, *next_masks)
         grad_projected = torch.empty(projected.shape, dtype=a.dtype, device=projected.device)
         # h_{t-1} as the gate sees it (zero at a document start: there a is a constant), built in the first slot.
         first = grad_projected[..., :width]
@@ -432,7 +435,8 @@ class _GatedScan(torch.autograd.Function):
             grad_projected.masked_fill_(~padding_mask[..., None], 0.0)
         grad_initial = None
         if ctx.needs_input_grad[1]:  # dL/dh_0 = a_1 * d_1, with the masked a
-            grad_initial = grad[:, 0] * _mask_gates(a[:, :1], *_masks_at(document_starts, padding_mask, slice(0, 1)))[:, 0]
+            first_gate = _mask_gates(a[:, :1], *_masks_at(document_starts, padding_mask, slice(0, 1)))
+            grad_initial = grad[:, 0] * first_gate[:, 0]
         return grad_projected.to(projected.dtype), grad_initial, None, None, None, None
 
 

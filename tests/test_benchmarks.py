@@ -22,7 +22,9 @@ def test_training_throughput_prints_a_row_per_cell_and_the_gpt2_reference(capsys
     benchmark = load("training_throughput")
     benchmark.main(["--quick"])
     out = capsys.readouterr().out
-    header = "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |"
+    header = (
+        "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |"
+    )
     assert header in out
     rows = [line for line in out.splitlines() if line.startswith("| GPT-2") or line.startswith("| hybrid")]
     assert len(rows) == 2 * (1 + len(RNN_TYPES))
