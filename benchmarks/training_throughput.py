@@ -1,6 +1,6 @@
 """Training throughput of the hybrid model for every recurrent cell against transformers' GPT-2 of the same size.
 
-    python benchmarks/training_throughput.py                 # 12 x 64 and 12 x 256, one thread (~3 min, 2 cores)
+    python benchmarks/training_throughput.py                 # 12 x 64 and 12 x 256, one thread (~7 min, 2 cores)
     python benchmarks/training_throughput.py --threads 2 --shapes 12x64
     python benchmarks/training_throughput.py --chunk-sizes 8,16,32,64,128   # the scan's chunk size, mingru hybrid
     python benchmarks/training_throughput.py --precisions bf16   # bfloat16 autocast only (--mixed-precision bf16)
