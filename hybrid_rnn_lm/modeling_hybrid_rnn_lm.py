@@ -110,6 +110,13 @@ class HybridRnnLmRecurrentMixer(nn.Module):
 
         if document_starts is not None:  # no cache: from a zero state, or the carried one for each row's first part
             output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
+        elif padding_mask is None and self._runs_gru_training_path(hidden_states):
+            h0 = hidden_states.new_zeros(1, *hidden_states.shape[::2]) if initial_state is None else initial_state
+            rnn = self.rnn
+            output = gru_training_forward(
+                hidden_states, h0[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+            )
+            final_state = output[:, -1][None]
         elif padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
@@ -118,6 +125,20 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         final_state = self._to_cache_state(final_state)
         _write_recurrent_state(cache, final_state, self.layer_idx)
         return self.out_proj(output), final_state
+
+    def _runs_gru_training_path(self, hidden_states) -> bool:
+        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction,
+        the weights' dtype, no autocast): it gives the same values and gradients as nn.GRU, with a faster backward."""
+        weight = self.rnn.weight_hh_l0
+        return (
+            isinstance(self.rnn, nn.GRU)
+            and not self.rnn.bidirectional
+            and torch.is_grad_enabled()
+            and (weight.requires_grad or hidden_states.requires_grad)
+            and hidden_states.dtype == weight.dtype
+            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and not is_tracing(hidden_states)
+        )
 
     def _forward_padded(self, hidden_states, padding_mask, initial_state):
         """Runs the RNN over the real tokens only, wherever the padding is (left padding in generation).
@@ -190,6 +211,71 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         if self.is_lstm:
             return tuple(torch.where(rows[None, :, None], a, b) for a, b in zip(if_true, if_false))
         return torch.where(rows[None, :, None], if_true, if_false)
+
+
+class _GruSequence(torch.autograd.Function):
+    """A one-layer GRU over a whole sequence (torch's gate layout and equations) with a hand-written backward.
+
+    torch's CPU GRU builds ~10 autograd nodes per time step, and its backward walks them one by one. Here the
+    forward keeps each step's gates, and the backward runs one multiply, one multiply-add and one small matrix
+    product per step; every other gradient (all gates, both weight matrices, the biases) is computed for the whole
+    sequence at once after the loop.
+    """
+
+    @staticmethod
+    def forward(ctx, input_gates, h0, weight_hh, bias_hh):
+        """input_gates: (T, B, 3H) = x W_ih^T + b_ih, time-major; h0: (B, H). Returns every state, (T, B, H)."""
+        length, batch, width = input_gates.shape[0], input_gates.shape[1], h0.shape[-1]
+        states = h0.new_empty(length + 1, batch, width)
+        states[0] = h0
+        hidden_gates = input_gates.new_empty(input_gates.shape)  # h W_hh^T + b_hh at every step
+        reset_update = input_gates.new_empty(length, batch, 2 * width)  # r and z, after the sigmoid
+        new = h0.new_empty(length, batch, width)  # n, after the tanh
+        weight_t = weight_hh.t()
+        for t in range(length):
+            gates = torch.addmm(bias_hh, states[t], weight_t, out=hidden_gates[t])
+            r_z = torch.add(input_gates[t, :, : 2 * width], gates[:, : 2 * width], out=reset_update[t]).sigmoid_()
+            n = torch.addcmul(input_gates[t, :, 2 * width :], r_z[:, :width], gates[:, 2 * width :], out=new[t])
+            torch.lerp(n.tanh_(), states[t], r_z[:, width:], out=states[t + 1])  # h = n + z (h_prev - n)
+        ctx.save_for_backward(states, hidden_gates, reset_update, new, weight_hh)
+        return states[1:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):
+        states, hidden_gates, reset_update, new, weight_hh = ctx.saved_tensors
+        length, batch, width = grad_states.shape
+        r, z = reset_update[..., :width], reset_update[..., width:]
+        tanh_slope = (1 - z) * (1 - new * new)  # dh -> d(n before its tanh)
+        # dh -> d(hidden gates before their nonlinearities), per step: (T, B, 3, H) for r, z and n
+        slopes = torch.stack(
+            [
+                tanh_slope * hidden_gates[..., 2 * width :] * r * (1 - r),
+                (states[:-1] - new) * z * (1 - z),
+                tanh_slope * r,
+            ],
+            dim=2,
+        )
+        grad_hidden_gates = torch.empty_like(slopes)
+        grad_h = torch.empty_like(grad_states)  # dL/dh_t, all of it (from the output and from step t + 1)
+        grad_h[length - 1] = grad_states[length - 1]
+        grad_h0 = torch.empty_like(states[0])
+        for t in range(length - 1, -1, -1):
+            step = torch.mul(grad_h[t, :, None], slopes[t], out=grad_hidden_gates[t]).view(batch, 3 * width)
+            direct = torch.addcmul(grad_states[t - 1], grad_h[t], z[t]) if t else grad_h[t] * z[t]
+            torch.addmm(direct, step, weight_hh, out=grad_h[t - 1] if t else grad_h0)
+        grad_hidden_gates = grad_hidden_gates.view(length, batch, 3 * width)
+        grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * width], grad_h * tanh_slope], dim=-1)
+        flat = grad_hidden_gates.view(length * batch, 3 * width)
+        grad_weight = flat.t() @ states[:-1].reshape(length * batch, width)
+        return grad_input_gates, grad_h0, grad_weight, flat.sum(0)
+
+
+def gru_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+    """Every output of a one-layer batch-first nn.GRU with these weights, (B, T, H), from the state h0 (B, H).
+    Equal to the fused nn.GRU in values and gradients (tests/test_scan.py); used when training."""
+    input_gates = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih).contiguous()
+    return _GruSequence.apply(input_gates, h0.contiguous(), weight_hh, bias_hh).transpose(0, 1)
 
 
 def linear_recurrence_reference(

@@ -1,5 +1,5 @@
 """The parallel-scan cells (mingru / minlstm): the scan against its sequential reference, numerics, padding, LoRA,
-initialisation."""
+initialisation. And the GRU's training path (a hand-written backward) against torch's nn.GRU."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from hybrid_rnn_lm import HybridRnnLmForCausalLM
 from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
     _chunked_scan,
     gated_scan,
+    gru_training_forward,
     linear_recurrence_reference,
     linear_recurrence_scan,
     linear_recurrence_scan_traceable,
@@ -239,3 +240,64 @@ def test_lora_reaches_the_recurrent_projections_and_merges_exactly():
         torch.testing.assert_close(merged(ids).logits, adapted_logits, atol=1e-5, rtol=1e-5)
     assert type(merged) is HybridRnnLmForCausalLM
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("length", [1, 2, 65])
+def test_the_gru_training_path_equals_torch_gru_forward_and_gradients(length, with_state, dtype):
+    torch.manual_seed(length)
+    gru = torch.nn.GRU(6, 6, batch_first=True).to(dtype)
+    x = torch.randn(3, length, 6, dtype=dtype)
+    h0 = torch.randn(1, 3, 6, dtype=dtype) if with_state else torch.zeros(1, 3, 6, dtype=dtype)
+    weights = torch.randn(3, length, 6, dtype=dtype)  # a loss that weighs every output differently
+    grads = []
+    for run in ("torch", "ours"):
+        inputs = [x.clone().requires_grad_(), h0.clone().requires_grad_()]
+        gru.zero_grad()
+        if run == "torch":
+            output, final = gru(*inputs)
+            assert torch.equal(final[0], output[:, -1])
+        else:
+            output = gru_training_forward(inputs[0], inputs[1][0], *(p for _, p in gru.named_parameters()))
+        (output * weights).sum().backward()
+        grads.append((output.detach(), *(t.grad for t in inputs), *(p.grad.clone() for p in gru.parameters())))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours, theirs in zip(grads[1], grads[0]):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() <= tolerance
+
+
+def test_a_gru_model_trains_through_the_training_path_exactly_as_through_torch_gru(monkeypatch):
+    """Loss and every gradient of a GRU hybrid (gradient checkpointing on, a carried state as in --carry-state) are
+    the same whichever path runs; generation and evaluation (no autograd) keep torch's nn.GRU."""
+    import hybrid_rnn_lm.modeling_hybrid_rnn_lm as modeling
+
+    model = peaky_model(tiny_config("gru", "every-2nd", num_hidden_layers=2)).train()
+    model.gradient_checkpointing_enable()
+    ids = random_ids(2, 17)
+    states = [torch.randn(2, 1, 32) for _ in range(2)]
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return gru_training_forward(*args)
+
+    monkeypatch.setattr(modeling, "gru_training_forward", counted)
+    results = []
+    for path_on in (True, False):
+        if not path_on:
+            monkeypatch.setattr(modeling.HybridRnnLmRecurrentMixer, "_runs_gru_training_path", lambda *_: False)
+        model.zero_grad()
+        loss = model(ids, labels=ids, recurrent_states=states).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 4  # two layers, and again when checkpointing recomputes them
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    for ours, theirs in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        model(ids)
+    assert calls == []
