@@ -128,7 +128,8 @@ class HybridRnnLmRecurrentMixer(nn.Module):
 
     def _runs_gru_training_path(self, hidden_states) -> bool:
         """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction,
-        the weights' dtype, no autocast): it gives the same values and gradients as nn.GRU, with a faster backward."""
+        the weights' dtype, no autocast): it gives the same values and gradients as nn.GRU, with a faster backward.
+        Under autocast nn.GRU runs its matrix products in the low precision, so it keeps nn.GRU there."""
         weight = self.rnn.weight_hh_l0
         return (
             isinstance(self.rnn, nn.GRU)
