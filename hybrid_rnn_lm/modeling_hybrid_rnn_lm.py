@@ -127,17 +127,15 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         return self.out_proj(output), final_state
 
     def _runs_gru_training_path(self, hidden_states) -> bool:
-        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction,
-        the weights' dtype, no autocast): it gives the same values and gradients as nn.GRU, with a faster backward.
-        Under autocast nn.GRU runs its matrix products in the low precision, so it keeps nn.GRU there."""
+        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction):
+        it gives the same values and gradients as nn.GRU, with a faster backward."""
         weight = self.rnn.weight_hh_l0
         return (
             isinstance(self.rnn, nn.GRU)
             and not self.rnn.bidirectional
             and torch.is_grad_enabled()
             and (weight.requires_grad or hidden_states.requires_grad)
-            and hidden_states.dtype == weight.dtype
-            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and (hidden_states.dtype == weight.dtype or torch.is_autocast_enabled(hidden_states.device.type))
             and not is_tracing(hidden_states)
         )
 
@@ -274,9 +272,15 @@ class _GruSequence(torch.autograd.Function):
 
 def gru_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
     """Every output of a one-layer batch-first nn.GRU with these weights, (B, T, H), from the state h0 (B, H).
-    Equal to the fused nn.GRU in values and gradients (tests/test_scan.py); used when training."""
-    input_gates = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih).contiguous()
-    return _GruSequence.apply(input_gates, h0.contiguous(), weight_hh, bias_hh).transpose(0, 1)
+    Equal to the fused nn.GRU in values and gradients (tests/test_scan.py); used when training.
+
+    Under autocast the input projection runs in the low precision, as in nn.GRU, and the recurrence in the weights'
+    dtype, as the scan cells' recurrence does (nn.GRU would run its per-step products in the low precision too)."""
+    input_gates = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih)
+    dtype = weight_hh.dtype
+    with torch.autocast(input.device.type, enabled=False):
+        states = _GruSequence.apply(input_gates.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh, bias_hh)
+    return states.transpose(0, 1)
 
 
 def linear_recurrence_reference(
