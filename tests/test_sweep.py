@@ -284,7 +284,7 @@ def test_a_changed_study_does_not_reuse_stale_runs(swept, tmp_path, capsys, monk
         ),
         pytest.param(
             {"variations": [{"name": "odd-heads", "num_attention_heads": 3}]},
-            "study {path}, run odd-heads: --num-attention-heads 3 does not divide --hidden-size 128; pick a number "
+            "study {path}, run odd-heads: --num-attention-heads 3 does not divide --hidden-size 160; pick a number "
             "of heads that divides the hidden size",
             id="invalid-run",
         ),
@@ -348,6 +348,11 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
         assert set(counts) == {"rnn", "gru", "lstm", "mingru", "minlstm"}
         for cell, count in counts.items():
             assert count["num_parameters"] == pytest.approx(reference, rel=0.1), (name, cell)
+    # gru-width moves parameters from the MLP to the recurrent width: every split still within 10% of that GPT-2.
+    for run in plan_runs(load_study(STUDIES / "gru-width.yaml"), Path("runs")):
+        model_args, data_args, _ = arguments_from_dict(run.options)
+        count = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
+        assert count["num_parameters"] == pytest.approx(reference, rel=0.1), run.name
 
 
 def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):

@@ -102,7 +102,7 @@ BAD_ARGUMENTS = {
     "missing-tokenizer": (["--tokenizer", "no-such-tokenizer"], "unknown tokenizer 'no-such-tokenizer'"),
     "missing-model-config": (["--model-config", "nowhere"], "no config.json there"),
     "model-too-large": (
-        ["--hidden-size", "65536", "--num-hidden-layers", "4"],
+        ["--hidden-size", "65536", "--intermediate-size", "262144", "--num-hidden-layers", "4"],
         "parameters, whose training state needs about 4673.3 GB, more than the",
     ),
     "learning-rate-nan": (["--learning-rate", "nan"], "option learning_rate must be a finite number, got nan"),
