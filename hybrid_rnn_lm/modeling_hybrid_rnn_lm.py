@@ -127,11 +127,13 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         return self.out_proj(output), final_state
 
     def _runs_gru_training_path(self, hidden_states) -> bool:
-        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction):
-        it gives the same values and gradients as nn.GRU, with a faster backward."""
+        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction,
+        on the CPU): it gives the same values and gradients as nn.GRU, with a faster backward. On a GPU, cuDNN's
+        fused GRU runs the whole sequence in one kernel and stays."""
         weight = self.rnn.weight_hh_l0
         return (
             isinstance(self.rnn, nn.GRU)
+            and hidden_states.device.type == "cpu"
             and not self.rnn.bidirectional
             and torch.is_grad_enabled()
             and (weight.requires_grad or hidden_states.requires_grad)
