@@ -110,12 +110,11 @@ class HybridRnnLmRecurrentMixer(nn.Module):
 
         if document_starts is not None:  # no cache: from a zero state, or the carried one for each row's first part
             output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
-        elif padding_mask is None and self._runs_gru_training_path(hidden_states):
+        elif padding_mask is None and self._runs_training_path(hidden_states):
             h0 = hidden_states.new_zeros(1, *hidden_states.shape[::2]) if initial_state is None else initial_state
             rnn = self.rnn
-            output = gru_training_forward(
-                hidden_states, h0[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
-            )
+            forward = gru_training_forward if isinstance(rnn, nn.GRU) else rnn_training_forward
+            output = forward(hidden_states, h0[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
             final_state = output[:, -1][None]
         elif padding_mask is None:
             output, final_state = self.rnn(hidden_states, initial_state)
@@ -126,13 +125,14 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         _write_recurrent_state(cache, final_state, self.layer_idx)
         return self.out_proj(output), final_state
 
-    def _runs_gru_training_path(self, hidden_states) -> bool:
-        """Whether a GRU forward that autograd will go back through can use `gru_training_forward` (one direction,
-        on the CPU): it gives the same values and gradients as nn.GRU, with a faster backward. On a GPU, cuDNN's
-        fused GRU runs the whole sequence in one kernel and stays."""
+    def _runs_training_path(self, hidden_states) -> bool:
+        """Whether a GRU or tanh-RNN forward that autograd will go back through can use `gru_training_forward` /
+        `rnn_training_forward` (one direction, on the CPU): they give the same values and gradients as nn.GRU /
+        nn.RNN, with a faster backward. On a GPU, cuDNN's fused cells run the whole sequence in one kernel and stay.
+        nn.LSTM keeps its own path everywhere (oneDNN on the CPU)."""
         weight = self.rnn.weight_hh_l0
         return (
-            isinstance(self.rnn, nn.GRU)
+            (isinstance(self.rnn, nn.GRU) or (isinstance(self.rnn, nn.RNN) and self.rnn.nonlinearity == "tanh"))
             and hidden_states.device.type == "cpu"
             and not self.rnn.bidirectional
             and torch.is_grad_enabled()
@@ -282,6 +282,48 @@ def gru_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> t
     dtype = weight_hh.dtype
     with torch.autocast(input.device.type, enabled=False):
         states = _GruSequence.apply(input_gates.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh, bias_hh)
+    return states.transpose(0, 1)
+
+
+class _TanhRnnSequence(torch.autograd.Function):
+    """A one-layer tanh RNN over a whole sequence with a hand-written backward: one fused multiply-add and one
+    tanh per step forward; one multiply and one small matrix product per step backward."""
+
+    @staticmethod
+    def forward(ctx, input_terms, h0, weight_hh):
+        """input_terms: (T, B, H) = x W_ih^T + b_ih + b_hh, time-major; h0: (B, H). Returns every state, (T, B, H)."""
+        states = h0.new_empty(input_terms.shape[0] + 1, *h0.shape)
+        states[0] = h0
+        weight_t = weight_hh.t()
+        for t in range(input_terms.shape[0]):
+            torch.addmm(input_terms[t], states[t], weight_t, out=states[t + 1]).tanh_()
+        ctx.save_for_backward(states, weight_hh)
+        return states[1:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states):
+        states, weight_hh = ctx.saved_tensors
+        length = grad_states.shape[0]
+        slopes = 1 - states[1:] * states[1:]  # dh -> d(h before its tanh)
+        grad_terms = grad_states.new_empty(grad_states.shape)  # contiguous, whatever the incoming layout
+        carried = grad_states[length - 1]  # dL/dh_t, from the output and from step t + 1
+        for t in range(length - 1, -1, -1):
+            torch.mul(carried, slopes[t], out=grad_terms[t])
+            carried = torch.addmm(grad_states[t - 1], grad_terms[t], weight_hh) if t else grad_terms[t] @ weight_hh
+        flat = grad_terms.view(-1, grad_terms.shape[-1])
+        grad_weight = flat.t() @ states[:-1].reshape(flat.shape[0], -1)
+        return grad_terms, carried, grad_weight
+
+
+def rnn_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+    """Every output of a one-layer batch-first tanh nn.RNN with these weights, (B, T, H), from the state h0 (B, H).
+    Equal to nn.RNN in values and gradients (tests/test_scan.py); used when training, on the CPU. Under autocast, as
+    `gru_training_forward`: the input projection in the low precision, the recurrence in the weights' dtype."""
+    input_terms = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih) + bias_hh
+    dtype = weight_hh.dtype
+    with torch.autocast(input.device.type, enabled=False):
+        states = _TanhRnnSequence.apply(input_terms.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh)
     return states.transpose(0, 1)
 
 

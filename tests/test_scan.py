@@ -1,5 +1,5 @@
 """The parallel-scan cells (mingru / minlstm): the scan against its sequential reference, numerics, padding, LoRA,
-initialisation. And the GRU's training path (a hand-written backward) against torch's nn.GRU."""
+initialisation. And the GRU's and tanh RNN's training paths (hand-written backwards) against torch's cells."""
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
     linear_recurrence_scan,
     linear_recurrence_scan_traceable,
     masked_scan_coefficients,
+    rnn_training_forward,
     scan_gate_bias,
 )
 from tests.test_modeling import peaky_model, random_ids, tiny_config
@@ -242,52 +243,60 @@ def test_lora_reaches_the_recurrent_projections_and_merges_exactly():
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
+TRAINING_PATHS = {"gru": (torch.nn.GRU, gru_training_forward), "rnn": (torch.nn.RNN, rnn_training_forward)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("length", [1, 2, 65])
-def test_the_gru_training_path_equals_torch_gru_forward_and_gradients(length, with_state, dtype):
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_the_training_path_equals_torch_forward_and_gradients(cell, length, with_state, dtype):
+    module, training_forward = TRAINING_PATHS[cell]
     torch.manual_seed(length)
-    gru = torch.nn.GRU(6, 6, batch_first=True).to(dtype)
+    rnn = module(6, 6, batch_first=True).to(dtype)
     x = torch.randn(3, length, 6, dtype=dtype)
     h0 = torch.randn(1, 3, 6, dtype=dtype) if with_state else torch.zeros(1, 3, 6, dtype=dtype)
     weights = torch.randn(3, length, 6, dtype=dtype)  # a loss that weighs every output differently
     grads = []
     for run in ("torch", "ours"):
         inputs = [x.clone().requires_grad_(), h0.clone().requires_grad_()]
-        gru.zero_grad()
+        rnn.zero_grad()
         if run == "torch":
-            output, final = gru(*inputs)
+            output, final = rnn(*inputs)
             assert torch.equal(final[0], output[:, -1])
         else:
-            output = gru_training_forward(inputs[0], inputs[1][0], *(p for _, p in gru.named_parameters()))
+            output = training_forward(inputs[0], inputs[1][0], *(p for _, p in rnn.named_parameters()))
         (output * weights).sum().backward()
-        grads.append((output.detach(), *(t.grad for t in inputs), *(p.grad.clone() for p in gru.parameters())))
+        grads.append((output.detach(), *(t.grad for t in inputs), *(p.grad.clone() for p in rnn.parameters())))
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     for ours, theirs in zip(grads[1], grads[0]):
         assert ours.shape == theirs.shape
         assert (ours - theirs).abs().max().item() <= tolerance
 
 
-def test_a_gru_model_trains_through_the_training_path_exactly_as_through_torch_gru(monkeypatch):
-    """Loss and every gradient of a GRU hybrid (gradient checkpointing on, a carried state as in --carry-state) are
-    the same whichever path runs; generation and evaluation (no autograd) keep torch's nn.GRU."""
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_a_model_trains_through_the_training_path_exactly_as_through_torch(cell, monkeypatch):
+    """Loss and every gradient of a GRU / RNN hybrid (gradient checkpointing on, a carried state as in
+    --carry-state) are the same whichever path runs; generation and evaluation (no autograd) keep torch's cells."""
     import hybrid_rnn_lm.modeling_hybrid_rnn_lm as modeling
 
-    model = peaky_model(tiny_config("gru", "every-2nd", num_hidden_layers=2)).train()
+    model = peaky_model(tiny_config(cell, "every-2nd", num_hidden_layers=2)).train()
     model.gradient_checkpointing_enable()
     ids = random_ids(2, 17)
     states = [torch.randn(2, 1, 32) for _ in range(2)]
     calls = []
+    name = f"{cell}_training_forward"
+    training_forward = getattr(modeling, name)
 
     def counted(*args):
         calls.append(args[0].shape)
-        return gru_training_forward(*args)
+        return training_forward(*args)
 
-    monkeypatch.setattr(modeling, "gru_training_forward", counted)
+    monkeypatch.setattr(modeling, name, counted)
     results = []
     for path_on in (True, False):
         if not path_on:
-            monkeypatch.setattr(modeling.HybridRnnLmRecurrentMixer, "_runs_gru_training_path", lambda *_: False)
+            monkeypatch.setattr(modeling.HybridRnnLmRecurrentMixer, "_runs_training_path", lambda *_: False)
         model.zero_grad()
         loss = model(ids, labels=ids, recurrent_states=states).loss
         loss.backward()
@@ -303,17 +312,19 @@ def test_a_gru_model_trains_through_the_training_path_exactly_as_through_torch_g
     assert calls == []
 
 
-def test_under_bf16_autocast_the_gru_training_path_keeps_its_recurrence_in_float32():
-    """Only the input projection is rounded to bf16 (nn.GRU under autocast also rounds every step's product)."""
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_under_bf16_autocast_the_training_path_keeps_its_recurrence_in_float32(cell):
+    """Only the input projection is rounded to bf16 (torch's cells under autocast also round every step's product)."""
+    module, training_forward = TRAINING_PATHS[cell]
     torch.manual_seed(0)
-    gru = torch.nn.GRU(16, 16, batch_first=True)
+    rnn = module(16, 16, batch_first=True)
     x = torch.randn(4, 300, 16)
-    reference = gru(x)[0]
+    reference = rnn(x)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = gru_training_forward(x.requires_grad_(), torch.zeros(4, 16), *(p for _, p in gru.named_parameters()))
-        theirs = gru(x)[0]
-    assert ours.dtype == theirs.dtype == torch.float32
+        ours = training_forward(x.requires_grad_(), torch.zeros(4, 16), *(p for _, p in rnn.named_parameters()))
+        theirs = rnn(x)[0]
+    assert ours.dtype == torch.float32  # torch's GRU also returns float32 there, its RNN bf16
     ours.sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in (x, *gru.parameters()))
-    ours_error, theirs_error = (ours - reference).abs().max().item(), (theirs - reference).abs().max().item()
+    assert all(torch.isfinite(p.grad).all() for p in (x, *rnn.parameters()))
+    ours_error, theirs_error = (ours - reference).abs().max().item(), (theirs.float() - reference).abs().max().item()
     assert ours_error <= 0.02 and ours_error <= theirs_error
