@@ -217,7 +217,7 @@ class HybridRnnLmRecurrentMixer(nn.Module):
 class _GruSequence(torch.autograd.Function):
     """A one-layer GRU over a whole sequence (torch's gate layout and equations) with a hand-written backward.
 
-    torch's CPU GRU builds ~10 autograd nodes per time step, and its backward walks them one by one. Here the
+    torch's CPU GRU builds 14 autograd nodes per time step, and its backward walks them one by one. Here the
     forward keeps each step's gates, and the backward runs one multiply, one multiply-add and one small matrix
     product per step; every other gradient (all gates, both weight matrices, the biases) is computed for the whole
     sequence at once after the loop.
