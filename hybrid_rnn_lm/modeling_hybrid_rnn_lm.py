@@ -258,7 +258,7 @@ class _GruSequence(torch.autograd.Function):
             dim=2,
         )
         grad_hidden_gates = torch.empty_like(slopes)
-        grad_h = torch.empty_like(grad_states)  # dL/dh_t, all of it (from the output and from step t + 1)
+        grad_h = grad_states.new_empty(grad_states.shape)  # dL/dh_t, all of it (output and step t + 1); contiguous
         grad_h[length - 1] = grad_states[length - 1]
         grad_h0 = torch.empty_like(states[0])
         for t in range(length - 1, -1, -1):
@@ -274,14 +274,19 @@ class _GruSequence(torch.autograd.Function):
 
 def gru_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
     """Every output of a one-layer batch-first nn.GRU with these weights, (B, T, H), from the state h0 (B, H).
-    Equal to the fused nn.GRU in values and gradients (tests/test_scan.py); used when training.
+    Equal to the fused nn.GRU in values and gradients (tests/test_scan.py); used when training, on the CPU.
 
     Under autocast the input projection runs in the low precision, as in nn.GRU, and the recurrence in the weights'
     dtype, as the scan cells' recurrence does (nn.GRU would run its per-step products in the low precision too)."""
     input_gates = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih)
+    return _recurrence_in_weight_dtype(_GruSequence, input_gates, h0, weight_hh, bias_hh)
+
+
+def _recurrence_in_weight_dtype(sequence, input_terms, h0, weight_hh, *rest) -> torch.Tensor:
+    """Runs a time-major recurrence Function with autocast off, in the weights' dtype; returns (B, T, H)."""
     dtype = weight_hh.dtype
-    with torch.autocast(input.device.type, enabled=False):
-        states = _GruSequence.apply(input_gates.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh, bias_hh)
+    with torch.autocast(input_terms.device.type, enabled=False):
+        states = sequence.apply(input_terms.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh, *rest)
     return states.transpose(0, 1)
 
 
@@ -321,10 +326,7 @@ def rnn_training_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> t
     Equal to nn.RNN in values and gradients (tests/test_scan.py); used when training, on the CPU. Under autocast, as
     `gru_training_forward`: the input projection in the low precision, the recurrence in the weights' dtype."""
     input_terms = nn.functional.linear(input.transpose(0, 1), weight_ih, bias_ih) + bias_hh
-    dtype = weight_hh.dtype
-    with torch.autocast(input.device.type, enabled=False):
-        states = _TanhRnnSequence.apply(input_terms.to(dtype).contiguous(), h0.to(dtype).contiguous(), weight_hh)
-    return states.transpose(0, 1)
+    return _recurrence_in_weight_dtype(_TanhRnnSequence, input_terms, h0, weight_hh)
 
 
 def linear_recurrence_reference(
