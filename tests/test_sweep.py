@@ -353,6 +353,15 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
         model_args, data_args, _ = arguments_from_dict(run.options)
         count = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
         assert count["num_parameters"] == pytest.approx(reference, rel=0.1), run.name
+    # minutes-size: the larger pair, the GRU hybrid and GPT-2 within 1% of each other, each given 10 training minutes.
+    runs = plan_runs(load_study(STUDIES / "minutes-size.yaml"), Path("runs"))
+    counts = {}
+    for run in runs:
+        model_args, data_args, _ = arguments_from_dict(run.options)
+        counts[run.variation] = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
+        assert run.options["max_steps"] is None and run.options["max_train_minutes"] == 10, run.name
+    (hybrid_count, gpt2_count) = (counts[name]["num_parameters"] for name in ("gru272-mlp352-10min", "gpt2-224-10min"))
+    assert hybrid_count == pytest.approx(gpt2_count, rel=0.01) and hybrid_count > 2 * reference
 
 
 def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):
