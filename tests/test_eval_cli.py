@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,8 +106,13 @@ def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):
         ),
         (["--dataset", "{corpus}", "--block-size", "5000"], "block_size 5000 is larger than the validation split"),
         (["--dataset", "python-docs", "--output", "{missing}/e.json"], "its folder does not exist"),
+        (["--dataset", "{corpus}", "--stride", "0"], "--stride must be a positive integer, got 0"),
+        (
+            ["--dataset", "{corpus}", "--block-size", "16", "--stride", "17"],
+            "--stride 17 is larger than the block size 16: some tokens would never be scored; use --stride <= 16",
+        ),
     ],
-    ids=["no-dataset", "unknown-split", "block-too-large", "output-folder-missing"],
+    ids=["no-dataset", "unknown-split", "block-too-large", "output-folder-missing", "stride-0", "stride-too-large"],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     model_dir = save_tiny_model(tmp_path / "model")
@@ -118,3 +124,74 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert code == 2
     assert message.format(**fill) in error_line(err)
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize(("count", "block", "stride"), [(50, 8, 3), (50, 8, 8), (50, 8, 1), (42, 8, 2), (5, 8, 4)])
+def test_sliding_windows_score_every_token_once_with_at_least_block_minus_stride_context(count, block, stride):
+    from training.streams import sliding_layout
+
+    stream = np.arange(1, count + 1)  # token i + 1 is the i-th target: its value says where it is
+    layout = sliding_layout(stream, block, stride, prefix_id=0)
+    full = np.concatenate([[0], stream])
+    inputs, targets, scored = layout.inputs.numpy(), layout.targets.numpy(), layout.scored.numpy()
+    assert inputs.shape[1] == min(block, count)
+    np.testing.assert_array_equal(targets, inputs + 1)  # each position predicts the next token of the stream
+    assert sorted(targets[scored].tolist()) == full[1:].tolist()  # every token scored exactly once
+    for window, mask in zip(inputs, scored):
+        assert (np.diff(window) == 1).all()  # a window is a contiguous piece of the stream
+        context = np.arange(1, len(window) + 1)[mask]  # tokens read before each scored prediction
+        first_window = window[0] == 0
+        assert first_window or context.min() >= block - stride + 1
+
+
+@pytest.mark.parametrize("architecture", ["hybrid", "gpt2"])
+def test_sliding_evaluation_with_stride_1_gives_every_token_its_longest_context(architecture):
+    """Stride 1 is the obviously correct reading: each token predicted from the block_size tokens before it (all of
+    them near the start), one forward pass per token."""
+    from accelerate import Accelerator
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
+    from training.streams import evaluate_sliding
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        config = GPT2Config(vocab_size=11, n_embd=16, n_layer=2, n_head=2, n_positions=8)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = HybridRnnLmConfig(vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+        model = HybridRnnLmForCausalLM(config)
+    model.eval()
+    stream = np.random.default_rng(0).integers(0, 10, size=29)
+    full = torch.tensor(np.concatenate([[10], stream]))  # 10: the prefix (EOS) id
+    block = 8
+    total = 0.0
+    with torch.no_grad():
+        for target in range(len(stream)):
+            context = full[max(0, target + 1 - block) : target + 1]
+            logits = model(input_ids=context[None]).logits[0, -1]
+            total += F.cross_entropy(logits, full[target + 1]).item()
+    reference = total / len(stream)
+    for stride, rows in ((1, 5), (3, 4), (8, 16)):
+        result = evaluate_sliding(
+            Accelerator(), model, stream, block_size=block, stride=stride, rows=rows, prefix_id=10
+        )
+        assert result["tokens"] == len(stream)
+        if stride == 1:
+            assert result["loss"] == pytest.approx(reference, abs=1e-5)
+        else:  # less context for some tokens than at stride 1
+            assert result["loss"] != pytest.approx(reference, abs=1e-5)
+
+
+def test_eval_stride_adds_a_sliding_window_column(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Speak, speak. You are all resolved rather to die than to famish?\n" * 30)
+    model_dir = save_tiny_model(tmp_path / "model", text=corpus.read_text())
+    argv = ["--dataset", str(corpus), "--block-size", "16", "--batch-size", "4", "--stride", "8"]
+    code, out, err = run_cli(capsys, "eval", "--model", str(model_dir), *argv, "--output", str(tmp_path / "e.json"))
+    assert code == 0, err
+    measured = json.loads((tmp_path / "e.json").read_text())
+    sliding, stream = measured["sliding"], measured["stream"]
+    assert sliding["stride"] == 8 and sliding["tokens"] == stream["tokens"]  # every token of the split, once
+    assert "| metric | block by block" in out and "| streamed, state carried | sliding window, stride 8 |" in out
+    assert f"| loss (nats/token) | {measured['loss']:.6f} | {stream['loss']:.6f} | {sliding['loss']:.6f} |" in out

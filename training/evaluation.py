@@ -10,7 +10,10 @@ Bits per character = total nats / characters / ln 2, with the split's character-
 
 Block by block, the first token of every block and the last partial block are not scored. For a hybrid model the
 split is also read as streams with the recurrent state carried from block to block (unless `--no-carry-state`):
-that reading scores every token of the split once, as lm-eval's rolling log-likelihood does.
+that reading scores every token of the split once, as lm-eval's rolling log-likelihood does. `--stride N` adds, for
+any model, the sliding-window reading of Hugging Face's perplexity guide: overlapping windows of a block, N tokens
+apart, each token scored once with at least block size - N tokens before it. It is GPT-2's counterpart of the
+streamed reading, so that a model with a carried state is not compared with one scored block by block.
 """
 
 import json
@@ -51,6 +54,12 @@ class EvalArguments:
     batch_size: int | None = arg(None, f"sequences per batch; unset = the run's, else {DEFAULT_BATCH_SIZE}")
     max_batches: int | None = arg(None, "evaluate only the first this many batches; unset or 0 = the whole split")
     output: str | None = arg(None, "also write the results as JSON to this file")
+    stride: int | None = arg(
+        None,
+        "also read the split as overlapping windows of --block-size tokens, this many apart, each token scored once "
+        "with at least block size - stride tokens before it (sliding-window perplexity; any model, GPT-2 included: "
+        "its counterpart of the hybrid's streamed reading); 1 <= stride <= block size",
+    )
     carry_state: bool = arg(
         True,
         "hybrid models: also read the split as streams with the recurrent state carried from block to block, which "
@@ -65,6 +74,8 @@ class EvalArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.stride is not None and self.stride < 1:
+            raise UserError(f"--stride must be a positive integer, got {self.stride}")
         if self.max_batches is not None and self.max_batches < 0:
             raise UserError(f"--max-batches must be >= 0, got {self.max_batches}")
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
@@ -129,13 +140,18 @@ def evaluate_folder(args: EvalArguments) -> dict:
     """Loads the model and the data, runs the training loop's evaluation, returns the metrics."""
     from training.data import collate_blocks, load_corpus, split_token_stream, tokenize_corpus
     from training.loop import evaluate_model
-    from training.streams import evaluate_stream
+    from training.streams import evaluate_sliding, evaluate_stream
     from training.train import load_metric
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     model_dir = Path(args.model).expanduser()
     settings = resolve_settings(args, model_dir)
     check_block_size(model, settings.block_size)
+    if args.stride is not None and args.stride > settings.block_size:
+        raise UserError(
+            f"--stride {args.stride} is larger than the block size {settings.block_size}: some tokens would never be "
+            f"scored; use --stride <= {settings.block_size}"
+        )
     corpus = load_corpus(
         settings.dataset,
         dataset_config=settings.dataset_config,
@@ -173,6 +189,23 @@ def evaluate_folder(args: EvalArguments) -> dict:
             characters_per_token=stats.characters_per_token,
             metric=metric,
         )
+    sliding = None
+    if args.stride is not None:
+        stream = split_token_stream(corpus[args.split], tokenizer)
+        if args.max_batches:
+            stream = stream[: len(blocks) * settings.block_size]
+        sliding = evaluate_sliding(
+            accelerator,
+            model,
+            stream,
+            block_size=settings.block_size,
+            stride=args.stride,
+            rows=settings.batch_size,
+            prefix_id=tokenizer.eos_token_id,
+            characters_per_token=stats.characters_per_token,
+            metric=metric,
+        )
+        sliding["stride"] = args.stride
     return {
         "model": str(model_dir),
         "dataset": settings.dataset,
@@ -185,49 +218,50 @@ def evaluate_folder(args: EvalArguments) -> dict:
         "bits_per_token": metrics["val_bits_per_token"],
         "bits_per_character": metrics.get("val_bits_per_char"),
         "stream": streamed,  # --carry-state: {loss, perplexity, bits_per_token, bits_per_character, tokens}
+        "sliding": sliding,  # --stride: the same keys and "stride"
     }
 
 
 def markdown_table(results: dict) -> str:
+    readings = [(f"block by block ({results['blocks']} x {results['block_size']})", None)]
     if results.get("stream"):
-        return _stream_table(results)
-    rows = [
-        ("loss (nats/token)", f"{results['loss']:.6f}"),
-        ("perplexity", f"{results['perplexity']:.4f}"),
-        ("bits per token", f"{results['bits_per_token']:.6f}"),
-        (
-            "bits per character",
-            "n/a" if results["bits_per_character"] is None else f"{results['bits_per_character']:.6f}",
-        ),
-        ("tokens evaluated", f"{results['tokens_evaluated']:,}"),
-        ("blocks x block size", f"{results['blocks']} x {results['block_size']}"),
-    ]
+        readings.append(("streamed, state carried", results["stream"]))
+    if results.get("sliding"):
+        readings.append((f"sliding window, stride {results['sliding']['stride']}", results["sliding"]))
     title = f"{results['model']} on {results['dataset']} ({results['split']})"
-    lines = [f"### {title}", "", "| metric | value |", "| --- | ---: |"]
-    return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+    if len(readings) == 1:
+        rows = [(name, values[0]) for name, values in _table_rows(results, readings)]
+        rows.append(("blocks x block size", f"{results['blocks']} x {results['block_size']}"))
+        lines = [f"### {title}", "", "| metric | value |", "| --- | ---: |"]
+        return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+    header = "| metric | " + " | ".join(name for name, _ in readings) + " |"
+    lines = [f"### {title}", "", header, "| --- |" + " ---: |" * len(readings)]
+    return "\n".join(
+        lines + [f"| {name} | " + " | ".join(values) + " |" for name, values in _table_rows(results, readings)]
+    )
 
 
-def _stream_table(results: dict) -> str:
-    stream = results["stream"]
+def _table_rows(results: dict, readings) -> list[tuple[str, list[str]]]:
+    """The metric rows of `markdown_table`, one value per reading (None: the block-by-block numbers)."""
 
     def bits(value):
         return "n/a" if value is None else f"{value:.6f}"
 
+    columns = []
+    for _, reading in readings:
+        if reading is None:
+            reading = {key: results[key] for key in ("loss", "perplexity", "bits_per_token", "bits_per_character")}
+            reading["tokens"] = results["tokens_evaluated"]
+        columns.append(reading)
+    single = len(readings) == 1
     rows = [
-        ("loss (nats/token)", f"{results['loss']:.6f}", f"{stream['loss']:.6f}"),
-        ("perplexity", f"{results['perplexity']:.4f}", f"{stream['perplexity']:.4f}"),
-        ("bits per token", f"{results['bits_per_token']:.6f}", f"{stream['bits_per_token']:.6f}"),
-        ("bits per character", bits(results["bits_per_character"]), bits(stream["bits_per_character"])),
-        ("tokens scored", f"{results['tokens_evaluated']:,}", f"{stream['tokens']:,}"),
+        ("loss (nats/token)", [f"{c['loss']:.6f}" for c in columns]),
+        ("perplexity", [f"{c['perplexity']:.4f}" for c in columns]),
+        ("bits per token", [f"{c['bits_per_token']:.6f}" for c in columns]),
+        ("bits per character", [bits(c["bits_per_character"]) for c in columns]),
+        ("tokens evaluated" if single else "tokens scored", [f"{c['tokens']:,}" for c in columns]),
     ]
-    title = f"{results['model']} on {results['dataset']} ({results['split']})"
-    lines = [
-        f"### {title}",
-        "",
-        f"| metric | block by block ({results['blocks']} x {results['block_size']}) | streamed, state carried |",
-        "| --- | ---: | ---: |",
-    ]
-    return "\n".join(lines + [f"| {name} | {a} | {b} |" for name, a, b in rows])
+    return rows
 
 
 def write_json_atomically(path: str | Path, data: dict) -> None:

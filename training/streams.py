@@ -18,7 +18,8 @@ padding-free training); `--carry-state-across-documents` leaves them out, so the
 Evaluation: a split's whole token stream (the last partial block included), after one EOS (the token every document
 follows in training), is cut into `rows` contiguous parts read block by block with the state carried; every token is
 scored exactly once. A part other than the first starts `block_size` tokens early (those warm-up tokens are not scored),
-so every token has at least a block of history; with rows = 1 the text is one unbroken stream.
+so every token has at least a block of history; with rows = 1 the text is one unbroken stream. For models with no
+state (GPT-2), `evaluate_sliding` reads the same stream as overlapping windows instead.
 """
 
 from __future__ import annotations
@@ -303,6 +304,11 @@ def evaluate_stream(
         total_nll += (nll * mask).sum().double()
         total_tokens += mask.sum().double()
     model.train(was_training)
+    return _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token)
+
+
+def _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token) -> dict:
+    """Every process's sums pooled, then turned into numbers by the `language_modeling` metric."""
     total_nll = accelerator.reduce(total_nll, reduction="sum")
     total_tokens = accelerator.reduce(total_tokens, reduction="sum")
     if metric is None:
@@ -319,6 +325,67 @@ def evaluate_stream(
         "bits_per_character": result["bits_per_character"],
         "tokens": result["num_tokens"],
     }
+
+
+def sliding_layout(stream: np.ndarray, block_size: int, stride: int, prefix_id: int) -> StreamLayout:
+    """Overlapping windows over [prefix] + `stream` (N tokens to predict): window k reads block_size tokens from
+    k * stride (the last window ends at the stream's end), and scores the predictions no earlier window scored. Every
+    token is scored exactly once, with at least block_size - stride tokens before it (all of them in the first
+    window). Returned as a StreamLayout, one window per row (no document starts: nothing is carried)."""
+    full = np.concatenate([[prefix_id], np.asarray(stream, dtype=np.int64)])  # full[i] predicts full[i + 1]
+    count = len(full) - 1
+    width = min(block_size, count)
+    begins = list(range(0, count - width, stride)) + [count - width]
+    windows = np.asarray(begins)[:, None] + np.arange(width)  # (W, width): the index of every input
+    scored = np.zeros(windows.shape, dtype=bool)
+    scored_until = 0  # targets before this index are already scored
+    for row, begin in enumerate(begins):
+        scored[row, scored_until - begin if scored_until > begin else 0 :] = True
+        scored_until = begin + width
+    inputs = torch.from_numpy(full[windows])
+    return StreamLayout(
+        inputs,
+        torch.from_numpy(full[windows + 1]),
+        torch.from_numpy(scored),
+        torch.zeros_like(inputs, dtype=torch.bool),
+    )
+
+
+@torch.no_grad()
+def evaluate_sliding(
+    accelerator,
+    model,
+    stream: np.ndarray,
+    *,
+    block_size: int,
+    stride: int,
+    rows: int,
+    prefix_id: int,
+    characters_per_token: float | None = None,
+    metric=None,
+) -> dict:
+    """Loss, perplexity and bits of `stream` read as overlapping windows (`sliding_layout`), `rows` windows per
+    forward pass, each from a fresh start: Hugging Face's sliding-window perplexity for fixed-length models, which
+    scores every token with as much context as a block holds. Works for any causal LM (GPT-2 included); windows are
+    shared out between processes. Returns the same keys as `evaluate_stream`."""
+    layout = sliding_layout(stream, block_size, stride, prefix_id)
+    mine = slice(accelerator.process_index, None, accelerator.num_processes)
+    inputs, targets, scored = layout.inputs[mine], layout.targets[mine], layout.scored[mine]
+    device = accelerator.device
+    was_training = model.training
+    model.eval()
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(inputs), rows):
+        logits = model(input_ids=inputs[start : start + rows].to(device), use_cache=False).logits
+        nll = F.cross_entropy(
+            logits.float().transpose(1, 2), targets[start : start + rows].to(device), reduction="none"
+        )
+        mask = scored[start : start + rows].to(device)
+        total_nll += (nll * mask).sum().double()
+        total_tokens += mask.sum().double()
+    model.train(was_training)
+    return _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token)
 
 
 # ------------------------------------------------------------------------------------------------------------
