@@ -108,8 +108,9 @@ def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):
         (["--dataset", "python-docs", "--output", "{missing}/e.json"], "its folder does not exist"),
         (["--dataset", "{corpus}", "--stride", "0"], "--stride must be a positive integer, got 0"),
         (
-            ["--dataset", "{corpus}", "--block-size", "16", "--stride", "17"],
-            "--stride 17 is larger than the block size 16: some tokens would never be scored; use --stride <= 16",
+            ["--dataset", "{corpus}", "--block-size", "16", "--stride", "16"],
+            "--stride 16 is not smaller than the block size 16: a window of 16 tokens scores 15 predictions, so some "
+            "tokens would never be scored; use --stride <= 15",
         ),
     ],
     ids=["no-dataset", "unknown-split", "block-too-large", "output-folder-missing", "stride-0", "stride-too-large"],
@@ -126,7 +127,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert not (tmp_path / "missing").exists()
 
 
-@pytest.mark.parametrize(("count", "block", "stride"), [(50, 8, 3), (50, 8, 8), (50, 8, 1), (42, 8, 2), (5, 8, 4)])
+@pytest.mark.parametrize(("count", "block", "stride"), [(50, 8, 3), (50, 8, 7), (50, 8, 1), (42, 8, 2), (5, 8, 4)])
 def test_sliding_windows_score_every_token_once_with_at_least_block_minus_stride_context(count, block, stride):
     from training.streams import sliding_layout
 
@@ -134,20 +135,20 @@ def test_sliding_windows_score_every_token_once_with_at_least_block_minus_stride
     layout = sliding_layout(stream, block, stride, prefix_id=0)
     full = np.concatenate([[0], stream])
     inputs, targets, scored = layout.inputs.numpy(), layout.targets.numpy(), layout.scored.numpy()
-    assert inputs.shape[1] == min(block, count)
+    assert inputs.shape[1] == min(block - 1, count)  # a block of `block` tokens: block - 1 predictions
     np.testing.assert_array_equal(targets, inputs + 1)  # each position predicts the next token of the stream
     assert sorted(targets[scored].tolist()) == full[1:].tolist()  # every token scored exactly once
     for window, mask in zip(inputs, scored):
         assert (np.diff(window) == 1).all()  # a window is a contiguous piece of the stream
         context = np.arange(1, len(window) + 1)[mask]  # tokens read before each scored prediction
         first_window = window[0] == 0
-        assert first_window or context.min() >= block - stride + 1
+        assert first_window or context.min() >= block - stride
 
 
 @pytest.mark.parametrize("architecture", ["hybrid", "gpt2"])
 def test_sliding_evaluation_with_stride_1_gives_every_token_its_longest_context(architecture):
-    """Stride 1 is the obviously correct reading: each token predicted from the block_size tokens before it (all of
-    them near the start), one forward pass per token."""
+    """Stride 1 is the obviously correct reading: each token predicted from the block_size - 1 tokens before it (all
+    of them near the start), one forward pass per token, as a training block of block_size tokens predicts its last."""
     from accelerate import Accelerator
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -168,11 +169,11 @@ def test_sliding_evaluation_with_stride_1_gives_every_token_its_longest_context(
     total = 0.0
     with torch.no_grad():
         for target in range(len(stream)):
-            context = full[max(0, target + 1 - block) : target + 1]
+            context = full[max(0, target + 2 - block) : target + 1]
             logits = model(input_ids=context[None]).logits[0, -1]
             total += F.cross_entropy(logits, full[target + 1]).item()
     reference = total / len(stream)
-    for stride, rows in ((1, 5), (3, 4), (8, 16)):
+    for stride, rows in ((1, 5), (3, 4), (7, 16)):
         result = evaluate_sliding(
             Accelerator(), model, stream, block_size=block, stride=stride, rows=rows, prefix_id=10
         )
@@ -181,6 +182,11 @@ def test_sliding_evaluation_with_stride_1_gives_every_token_its_longest_context(
             assert result["loss"] == pytest.approx(reference, abs=1e-5)
         else:  # less context for some tokens than at stride 1
             assert result["loss"] != pytest.approx(reference, abs=1e-5)
+    if architecture == "gpt2":  # a block's last position never predicts in training: the reading never uses it
+        with torch.no_grad():
+            model.transformer.wpe.weight[block - 1] = 1e3
+        result = evaluate_sliding(Accelerator(), model, stream, block_size=block, stride=1, rows=5, prefix_id=10)
+        assert result["loss"] == pytest.approx(reference, abs=1e-5)
 
 
 def test_eval_stride_adds_a_sliding_window_column(tmp_path, capsys):

@@ -58,7 +58,7 @@ class EvalArguments:
         None,
         "also read the split as overlapping windows of --block-size tokens, this many apart, each token scored once "
         "with at least block size - stride tokens before it (sliding-window perplexity; any model, GPT-2 included: "
-        "its counterpart of the hybrid's streamed reading); 1 <= stride <= block size",
+        "its counterpart of the hybrid's streamed reading); 1 <= stride < block size",
     )
     carry_state: bool = arg(
         True,
@@ -147,10 +147,11 @@ def evaluate_folder(args: EvalArguments) -> dict:
     model_dir = Path(args.model).expanduser()
     settings = resolve_settings(args, model_dir)
     check_block_size(model, settings.block_size)
-    if args.stride is not None and args.stride > settings.block_size:
+    if args.stride is not None and args.stride >= settings.block_size:
         raise UserError(
-            f"--stride {args.stride} is larger than the block size {settings.block_size}: some tokens would never be "
-            f"scored; use --stride <= {settings.block_size}"
+            f"--stride {args.stride} is not smaller than the block size {settings.block_size}: a window of "
+            f"{settings.block_size} tokens scores {settings.block_size - 1} predictions, so some tokens would never be "
+            f"scored; use --stride <= {settings.block_size - 1}"
         )
     corpus = load_corpus(
         settings.dataset,

@@ -328,19 +328,21 @@ def _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per
 
 
 def sliding_layout(stream: np.ndarray, block_size: int, stride: int, prefix_id: int) -> StreamLayout:
-    """Overlapping windows over [prefix] + `stream` (N tokens to predict): window k reads block_size tokens from
-    k * stride (the last window ends at the stream's end), and scores the predictions no earlier window scored. Every
-    token is scored exactly once, with at least block_size - stride tokens before it (all of them in the first
-    window). Returned as a StreamLayout, one window per row (no document starts: nothing is carried)."""
+    """Overlapping windows over [prefix] + `stream` (N tokens to predict). A window is a block of block_size tokens,
+    as in training: it reads its first block_size - 1 and predicts its last block_size - 1 (a model trained on
+    blocks never learned a prediction at a block's last position: GPT-2's last position embedding is untrained).
+    Window k starts at k * stride (the last one ends at the stream's end) and scores the predictions no earlier window
+    scored, so every token is scored exactly once, with at least block_size - stride tokens before it (all of them
+    in the first window); stride < block_size. One window per row (no document starts: nothing is carried)."""
     full = np.concatenate([[prefix_id], np.asarray(stream, dtype=np.int64)])  # full[i] predicts full[i + 1]
     count = len(full) - 1
-    width = min(block_size, count)
+    width = min(block_size - 1, count)  # predictions per window
     begins = list(range(0, count - width, stride)) + [count - width]
     windows = np.asarray(begins)[:, None] + np.arange(width)  # (W, width): the index of every input
     scored = np.zeros(windows.shape, dtype=bool)
     scored_until = 0  # targets before this index are already scored
     for row, begin in enumerate(begins):
-        scored[row, scored_until - begin if scored_until > begin else 0 :] = True
+        scored[row, max(scored_until - begin, 0) :] = True
         scored_until = begin + width
     inputs = torch.from_numpy(full[windows])
     return StreamLayout(
