@@ -21,6 +21,7 @@ from training.arguments import (
     build_parser,
     parse_arguments,
 )
+from training.evaluation import EvalArguments, evaluate_folder
 from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics
 from training.train import run_training
 
@@ -302,6 +303,12 @@ def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
     assert isinstance(model, GPT2LMHeadModel)
     assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (32, 2, 2)
     assert results["architecture"] == "gpt2" and results["num_parameters"] == model.num_parameters()
+    # No state to carry: the best model is also read in sliding windows half a block apart, as `hybrid-lm eval
+    # --stride 16` reads it, every validation token scored.
+    sliding = results["full_validation"]["sliding"]
+    eval_args = EvalArguments(model=str(tmp_path / "gpt2"), stride=16)
+    assert sliding == {**evaluate_folder(eval_args)["sliding"], "stride": 16}
+    assert "stream" not in results["full_validation"]
     # The sample stops at GPT-2's 32 positions instead of failing.
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
     assert len(tokenizer(results["sample"], add_special_tokens=False).input_ids) <= 32

@@ -80,7 +80,7 @@ class RunRecord:
     test_oov_rate: float | None = None
     validation_oov_rate: float | None = None
     full_val_loss: float = math.nan  # the best model on the whole validation split, block by block
-    stream_val_loss: float = math.nan  # ... read as streams with the recurrent state carried (hybrid runs)
+    stream_val_loss: float = math.nan  # ... every token scored: streamed, state carried (hybrid); sliding (GPT-2)
 
 
 @dataclass
@@ -152,7 +152,7 @@ def read_run(folder: Path) -> RunRecord:
         test_oov_rate=(results.get("test") or {}).get("oov_rate"),
         validation_oov_rate=results.get("validation_oov_rate"),
         full_val_loss=(results.get("full_validation") or {}).get("loss", math.nan),
-        stream_val_loss=((results.get("full_validation") or {}).get("stream") or {}).get("loss", math.nan),
+        stream_val_loss=_every_token_loss(results.get("full_validation") or {}),
     )
 
 
@@ -519,6 +519,13 @@ def _sweep_record(planned, run_name: str) -> dict:
     return json.loads((folder / "sweep_run.json").read_text())
 
 
+def _every_token_loss(full: dict) -> float:
+    """The best model's loss with every validation token scored: read as streams with the recurrent state carried
+    (hybrid runs), or in sliding windows half a block apart (models without a state: GPT-2)."""
+    reading = full.get("stream") or full.get("sliding") or {}
+    return reading.get("loss", math.nan)
+
+
 def _results_table(records: list[RunRecord]) -> list[str]:
     header = (
         "| # | run | arch | cell | width x depth | params | non-emb params | tokens/s | steps | wall min | best step | "
@@ -562,8 +569,10 @@ def _results_table(records: list[RunRecord]) -> list[str]:
             "full split, blocks / streamed: the best model on the whole validation split, cut into independent blocks "
             "of the training block size (each block starts from a zero state; its first token is not scored), and read "
             "as contiguous streams with the recurrent state carried from block to block (every token scored; attention "
-            "sees the current block). best val loss is what chose the best step: the streamed loss for --carry-state "
-            "runs, the block-wise one otherwise.",
+            "sees the current block). GPT-2, which has no state, is read instead in sliding windows of a block, half a "
+            "block apart (every token scored, each with at least half a block of context; `hybrid-lm eval --stride`); "
+            "'-' where a run has neither (a --streaming corpus, or a run made before GPT-2 got this reading). best val loss is what chose the best step: the streamed "
+            "loss for --carry-state runs, the block-wise one otherwise.",
             "",
         ]
     if tested:

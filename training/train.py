@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     stream = full.get("stream")
     if stream is not None:
         print(f"streamed, state carried: loss {stream['loss']:.4f} nats/token over all {stream['tokens']:,} tokens")
+    sliding = full.get("sliding")
+    if sliding is not None:
+        print(
+            f"sliding windows, stride {sliding['stride']}: loss {sliding['loss']:.4f} nats/token over all "
+            f"{sliding['tokens']:,} tokens"
+        )
     if results.get("sample") is not None:
         print(f"sample:\n{results['sample']}")
     return 0
@@ -358,6 +364,12 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             best = load_saved_model(accelerator, output_dir)
             results["full_validation"]["stream"] = stream_scores(
                 accelerator, best, validation_stream, data_args, train_args, tokenizer, characters_per_token, metric
+            )
+        elif getattr(tokenized, "validation_stream", None) is not None and data_args.block_size > 1:
+            # No state (GPT-2): sliding windows instead, each token with half a block of context or more.
+            best = load_saved_model(accelerator, output_dir)
+            results["full_validation"]["sliding"] = sliding_scores(
+                accelerator, best, tokenized.validation_stream, data_args, train_args, tokenizer, characters_per_token
             )
         if data_args.test_dataset is not None:
             results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
@@ -596,8 +608,9 @@ def prepare_data(
         )
         if data_args.streaming:
             tokenized = streamed_splits(corpus, tokenized, data_args, train_args, accelerator.num_processes)
-        if model_args.architecture == "hybrid" and not data_args.streaming:
-            # Streamed evaluation reads the whole validation stream, the last tokens included.
+        if not data_args.streaming:
+            # Streamed evaluation (hybrid) and sliding windows (GPT-2) read the whole validation stream, the last
+            # tokens included.
             tokenized.validation_stream = split_token_stream(corpus["validation"], tokenizer)
         if cache_dir is not None and hasattr(tokenized, "cache_hit"):
             logger.info("token blocks %s %s", "loaded from" if tokenized.cache_hit else "cached in", cache_dir)
@@ -726,6 +739,25 @@ def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, 
         characters_per_token=characters_per_token,
         metric=metric,
     )
+
+
+def sliding_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token) -> dict:
+    """A model without a recurrent state on the whole validation stream in sliding windows of the run's block, half
+    a block apart (`hybrid-lm eval --stride`): every token scored, each with at least half a block of context."""
+    from training.streams import evaluate_sliding
+
+    stride = max(1, data_args.block_size // 2)
+    scores = evaluate_sliding(
+        accelerator,
+        model,
+        stream,
+        block_size=data_args.block_size,
+        stride=stride,
+        rows=train_args.batch_size,
+        prefix_id=tokenizer.eos_token_id,
+        characters_per_token=characters_per_token,
+    )
+    return {**scores, "stride": stride}
 
 
 def load_saved_model(accelerator: Accelerator, output_dir: Path):
