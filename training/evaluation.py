@@ -170,41 +170,29 @@ def evaluate_folder(args: EvalArguments) -> dict:
     batches = tqdm(dataloader, desc=f"evaluating {args.split}", unit="batch", disable=not accelerator.is_main_process)
     metric = load_metric(accelerator)
     metrics = evaluate_model(accelerator, model, batches, metric, stats.characters_per_token)
-    streamed = None
-    if args.carry_state and model.config.model_type == "hybrid_rnn_lm":
+    carry = args.carry_state and model.config.model_type == "hybrid_rnn_lm"
+    streamed = sliding = None
+    if carry or args.stride is not None:  # readings of the whole token stream, every token scored once
+        stream = split_token_stream(corpus[args.split], tokenizer)
+        if args.max_batches:  # the tokens of the blocks scored above
+            stream = stream[: len(blocks) * settings.block_size]
+        common = {
+            "block_size": settings.block_size,
+            "rows": settings.batch_size,
+            "characters_per_token": stats.characters_per_token,
+            "metric": metric,
+        }
+    if carry:
         # The state resets after an EOS only for a model trained that way (--carry-state); block-wise training runs
         # the state straight through the EOS between documents, and so does this reading.
         run = read_training_args(model_dir)
         reset = bool(run.get("carry_state", False)) and not bool(run.get("carry_state_across_documents", False))
-        stream = split_token_stream(corpus[args.split], tokenizer)
-        if args.max_batches:  # the tokens of the blocks scored above
-            stream = stream[: len(blocks) * settings.block_size]
         streamed = evaluate_stream(
-            accelerator,
-            model,
-            stream,
-            block_size=settings.block_size,
-            rows=settings.batch_size,
-            eos_id=tokenizer.eos_token_id,
-            reset_documents=reset,
-            characters_per_token=stats.characters_per_token,
-            metric=metric,
+            accelerator, model, stream, eos_id=tokenizer.eos_token_id, reset_documents=reset, **common
         )
-    sliding = None
     if args.stride is not None:
-        stream = split_token_stream(corpus[args.split], tokenizer)
-        if args.max_batches:
-            stream = stream[: len(blocks) * settings.block_size]
         sliding = evaluate_sliding(
-            accelerator,
-            model,
-            stream,
-            block_size=settings.block_size,
-            stride=args.stride,
-            rows=settings.batch_size,
-            prefix_id=tokenizer.eos_token_id,
-            characters_per_token=stats.characters_per_token,
-            metric=metric,
+            accelerator, model, stream, stride=args.stride, prefix_id=tokenizer.eos_token_id, **common
         )
         sliding["stride"] = args.stride
     return {

@@ -276,35 +276,49 @@ def evaluate_stream(
     metric (`metric`, loaded when not given), as block-wise evaluation does. Returns its loss, perplexity and bits
     plus "tokens" (every token of the stream, scored once)."""
     layout = stream_layout(stream, rows, block_size, prefix_id=eos_id, eos_id=eos_id)
-    mine = slice(accelerator.process_index, None, accelerator.num_processes)
-    inputs, targets, scored = layout.inputs[mine], layout.targets[mine], layout.scored[mine]
-    device = accelerator.device
-    was_training = model.training
-    model.eval()
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    inputs, targets, scored, starts = _local_rows(layout, accelerator)
+    sums = _ScoredNll(model, accelerator.device)
     states = None
     for start in range(0, inputs.shape[1], block_size):
         if len(inputs) == 0:
             break
-        block = inputs[:, start : start + block_size].to(device)
+        block = inputs[:, start : start + block_size].to(sums.device)
         kwargs = {}
         if reset_documents:
-            kwargs["position_ids"] = document_position_ids(
-                block, eos_id, layout.document_starts[mine][:, start].to(device)
-            )
+            kwargs["position_ids"] = document_position_ids(block, eos_id, starts[:, start].to(sums.device))
         output = model(
             input_ids=block, recurrent_states=states, output_recurrent_states=True, use_cache=False, **kwargs
         )
         states = detach_states(output.recurrent_states)
-        nll = F.cross_entropy(
-            output.logits.float().transpose(1, 2), targets[:, start : start + block_size].to(device), reduction="none"
-        )
-        mask = scored[:, start : start + block_size].to(device)
-        total_nll += (nll * mask).sum().double()
-        total_tokens += mask.sum().double()
-    model.train(was_training)
-    return _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token)
+        sums.add(output.logits, targets[:, start : start + block_size], scored[:, start : start + block_size])
+    return sums.metrics(accelerator, metric, characters_per_token)
+
+
+def _local_rows(layout: StreamLayout, accelerator) -> tuple[torch.Tensor, ...]:
+    """This process's rows of `layout` (rows are dealt out in turn): inputs, targets, scored, document_starts."""
+    mine = slice(accelerator.process_index, None, accelerator.num_processes)
+    return layout.inputs[mine], layout.targets[mine], layout.scored[mine], layout.document_starts[mine]
+
+
+class _ScoredNll:
+    """Summed negative log-likelihood of the scored predictions and their count (float64), with the model in eval
+    mode until `metrics` pools every process's sums and turns them into numbers."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.was_training = model, device, model.training
+        model.eval()
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> None:
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device), reduction="none")
+        mask = scored.to(self.device)
+        self.nll += (nll * mask).sum().double()
+        self.tokens += mask.sum().double()
+
+    def metrics(self, accelerator, metric, characters_per_token) -> dict:
+        self.model.train(self.was_training)
+        return _pooled_metrics(accelerator, self.nll, self.tokens, metric, characters_per_token)
 
 
 def _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token) -> dict:
@@ -371,23 +385,12 @@ def evaluate_sliding(
     scores every token with as much context as a block holds. Works for any causal LM (GPT-2 included); windows are
     shared out between processes. Returns the same keys as `evaluate_stream`."""
     layout = sliding_layout(stream, block_size, stride, prefix_id)
-    mine = slice(accelerator.process_index, None, accelerator.num_processes)
-    inputs, targets, scored = layout.inputs[mine], layout.targets[mine], layout.scored[mine]
-    device = accelerator.device
-    was_training = model.training
-    model.eval()
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    inputs, targets, scored, _ = _local_rows(layout, accelerator)
+    sums = _ScoredNll(model, accelerator.device)
     for start in range(0, len(inputs), rows):
-        logits = model(input_ids=inputs[start : start + rows].to(device), use_cache=False).logits
-        nll = F.cross_entropy(
-            logits.float().transpose(1, 2), targets[start : start + rows].to(device), reduction="none"
-        )
-        mask = scored[start : start + rows].to(device)
-        total_nll += (nll * mask).sum().double()
-        total_tokens += mask.sum().double()
-    model.train(was_training)
-    return _pooled_metrics(accelerator, total_nll, total_tokens, metric, characters_per_token)
+        logits = model(input_ids=inputs[start : start + rows].to(sums.device), use_cache=False).logits
+        sums.add(logits, targets[start : start + rows], scored[start : start + rows])
+    return sums.metrics(accelerator, metric, characters_per_token)
 
 
 # ------------------------------------------------------------------------------------------------------------
