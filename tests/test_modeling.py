@@ -176,6 +176,39 @@ def test_sdpa_and_eager_agree():
     torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["all-attention", "sliding-window"])
+def test_under_cpu_bf16_autocast_attention_runs_in_float32_on_bf16_projections(layout, monkeypatch):
+    """torch's CPU attention kernel is faster in float32 than in bf16 at small head sizes: under autocast the
+    projections stay bf16 and the kernel gets float32 inputs (a left-padded batch, with its mask, included)."""
+    model = peaky_model(tiny_config("gru", layout))
+    seen = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return kernel(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    reference = model(ids, attention_mask=mask, labels=ids)
+    assert len(seen) == 2 and seen[0] == (torch.float32,) * 3
+    seen.clear()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ids, attention_mask=mask, labels=ids)
+    assert seen == [(torch.float32,) * 3] * 2  # both attention layers
+    assert mixed.loss.item() == pytest.approx(reference.loss.item(), abs=0.02)
+    mixed.loss.backward()
+    assert model.model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0  # gradients flow through the upcast
+    # Outside autocast a bf16 model keeps bf16 attention (decoding a bf16 model does not copy its cache to float32).
+    seen.clear()
+    model.to(torch.bfloat16).eval()
+    model(ids, attention_mask=mask)
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
 def test_hidden_states_and_attentions_outputs():
     config = tiny_config("gru", "every-2nd", num_hidden_layers=4, attn_implementation="eager")
     model = peaky_model(config)
