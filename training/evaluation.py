@@ -150,8 +150,8 @@ def evaluate_folder(args: EvalArguments) -> dict:
     if args.stride is not None and args.stride >= settings.block_size:
         raise UserError(
             f"--stride {args.stride} is not smaller than the block size {settings.block_size}: a window of "
-            f"{settings.block_size} tokens scores {settings.block_size - 1} predictions, so some tokens would never be "
-            f"scored; use --stride <= {settings.block_size - 1}"
+            f"{settings.block_size} tokens scores {settings.block_size - 1} predictions, so some tokens would never "
+            f"be scored; use --stride <= {settings.block_size - 1}"
         )
     corpus = load_corpus(
         settings.dataset,

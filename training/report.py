@@ -537,7 +537,9 @@ def _results_table(records: list[RunRecord]) -> list[str]:
     if tested:
         header = header.replace("| bits/char |", "| bits/char | test loss | test ppl |")
     if streamed:
-        header = header.replace("| best val loss |", "| best val loss | full split, blocks | full split, streamed |")
+        header = header.replace(
+            "| best val loss |", "| best val loss | full split, blocks | full split, every token |"
+        )
     lines = ["## Results (sorted by best validation loss)", "", header, "|" + "---|" * columns]
     for rank, r in enumerate(sorted(records, key=lambda record: record.best_val_loss), start=1):
         bits = "" if r.val_bits_per_char is None else f"{r.val_bits_per_char:.4f}"
@@ -566,13 +568,14 @@ def _results_table(records: list[RunRecord]) -> list[str]:
     ]
     if streamed:
         lines += [
-            "full split, blocks / streamed: the best model on the whole validation split, cut into independent blocks "
-            "of the training block size (each block starts from a zero state; its first token is not scored), and read "
-            "as contiguous streams with the recurrent state carried from block to block (every token scored; attention "
-            "sees the current block). GPT-2, which has no state, is read instead in sliding windows of a block, half a "
-            "block apart (every token scored, each with at least half a block of context; `hybrid-lm eval --stride`); "
-            "'-' where a run has neither (a --streaming corpus, or a run made before GPT-2 got this reading). best val loss is what chose the best step: the streamed "
-            "loss for --carry-state runs, the block-wise one otherwise.",
+            "full split, blocks / every token: the best model on the whole validation split, cut into independent "
+            "blocks of the training block size (each block starts from a zero state; its first token is not scored), "
+            "and with every token scored: a hybrid reads it as contiguous streams with the recurrent state carried "
+            "from block to block (attention sees the current block); GPT-2, which has no state, reads it in sliding "
+            "windows of a block, half a block apart (each token with at least half a block of context; `hybrid-lm "
+            "eval --stride`). '-' where a run has neither (a --streaming corpus, or a GPT-2 run made before it got "
+            "this reading). best val loss is what chose the best step: the streamed loss for --carry-state runs, the "
+            "block-wise one otherwise.",
             "",
         ]
     if tested:

@@ -18,8 +18,8 @@ padding-free training); `--carry-state-across-documents` leaves them out, so the
 Evaluation: a split's whole token stream (the last partial block included), after one EOS (the token every document
 follows in training), is cut into `rows` contiguous parts read block by block with the state carried; every token is
 scored exactly once. A part other than the first starts `block_size` tokens early (those warm-up tokens are not scored),
-so every token has at least a block of history; with rows = 1 the text is one unbroken stream. For models with no
-state (GPT-2), `evaluate_sliding` reads the same stream as overlapping windows instead.
+so every token has at least a block of history; with rows = 1 the text is one unbroken stream. For models with
+no state (GPT-2), `evaluate_sliding` reads the same stream as overlapping windows instead.
 """
 
 from __future__ import annotations
