@@ -194,7 +194,6 @@ def evaluate_folder(args: EvalArguments) -> dict:
         sliding = evaluate_sliding(
             accelerator, model, stream, stride=args.stride, prefix_id=tokenizer.eos_token_id, **common
         )
-        sliding["stride"] = args.stride
     return {
         "model": str(model_dir),
         "dataset": settings.dataset,

@@ -383,14 +383,14 @@ def evaluate_sliding(
     """Loss, perplexity and bits of `stream` read as overlapping windows (`sliding_layout`), `rows` windows per
     forward pass, each from a fresh start: Hugging Face's sliding-window perplexity for fixed-length models, which
     scores every token with as much context as a block holds. Works for any causal LM (GPT-2 included); windows are
-    shared out between processes. Returns the same keys as `evaluate_stream`."""
+    shared out between processes. Returns the keys of `evaluate_stream` and "stride"."""
     layout = sliding_layout(stream, block_size, stride, prefix_id)
     inputs, targets, scored, _ = _local_rows(layout, accelerator)
     sums = _ScoredNll(model, accelerator.device)
     for start in range(0, len(inputs), rows):
         logits = model(input_ids=inputs[start : start + rows].to(sums.device), use_cache=False).logits
         sums.add(logits, targets[start : start + rows], scored[start : start + rows])
-    return sums.metrics(accelerator, metric, characters_per_token)
+    return {**sums.metrics(accelerator, metric, characters_per_token), "stride": stride}
 
 
 # ------------------------------------------------------------------------------------------------------------

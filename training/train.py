@@ -369,7 +369,14 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             # No state (GPT-2): sliding windows instead, each token with half a block of context or more.
             best = load_saved_model(accelerator, output_dir)
             results["full_validation"]["sliding"] = sliding_scores(
-                accelerator, best, tokenized.validation_stream, data_args, train_args, tokenizer, characters_per_token
+                accelerator,
+                best,
+                tokenized.validation_stream,
+                data_args,
+                train_args,
+                tokenizer,
+                characters_per_token,
+                metric,
             )
         if data_args.test_dataset is not None:
             results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
@@ -741,23 +748,22 @@ def stream_scores(accelerator, model, stream, data_args, train_args, tokenizer, 
     )
 
 
-def sliding_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token) -> dict:
+def sliding_scores(accelerator, model, stream, data_args, train_args, tokenizer, characters_per_token, metric) -> dict:
     """A model without a recurrent state on the whole validation stream in sliding windows of the run's block, half
     a block apart (`hybrid-lm eval --stride`): every token scored, each with at least half a block of context."""
     from training.streams import evaluate_sliding
 
-    stride = max(1, data_args.block_size // 2)
-    scores = evaluate_sliding(
+    return evaluate_sliding(
         accelerator,
         model,
         stream,
         block_size=data_args.block_size,
-        stride=stride,
+        stride=max(1, data_args.block_size // 2),
         rows=train_args.batch_size,
         prefix_id=tokenizer.eos_token_id,
         characters_per_token=characters_per_token,
+        metric=metric,
     )
-    return {**scores, "stride": stride}
 
 
 def load_saved_model(accelerator: Accelerator, output_dir: Path):
