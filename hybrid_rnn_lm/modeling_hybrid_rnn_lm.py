@@ -234,11 +234,27 @@ class _GruSequence(torch.autograd.Function):
         reset_update = input_gates.new_empty(length, batch, 2 * width)  # r and z, after the sigmoid
         new = h0.new_empty(length, batch, width)  # n, after the tanh
         weight_t = weight_hh.t()
-        for t in range(length):
-            gates = torch.addmm(bias_hh, states[t], weight_t, out=hidden_gates[t])
-            r_z = torch.add(input_gates[t, :, : 2 * width], gates[:, : 2 * width], out=reset_update[t]).sigmoid_()
-            n = torch.addcmul(input_gates[t, :, 2 * width :], r_z[:, :width], gates[:, 2 * width :], out=new[t])
-            torch.lerp(n.tanh_(), states[t], r_z[:, width:], out=states[t + 1])  # h = n + z (h_prev - n)
+        # Every step's slices, made at once by unbind (indexing them one by one inside the loop costs more than
+        # the loop's small operations).
+        r_z, n = slice(None, 2 * width), slice(2 * width, None)
+        per_step = (
+            states.unbind(0),
+            states[1:].unbind(0),
+            hidden_gates.unbind(0),
+            hidden_gates[..., r_z].unbind(0),
+            hidden_gates[..., n].unbind(0),
+            input_gates[..., r_z].unbind(0),
+            input_gates[..., n].unbind(0),
+            reset_update.unbind(0),
+            reset_update[..., :width].unbind(0),
+            reset_update[..., width:].unbind(0),
+            new.unbind(0),
+        )
+        for h, h_next, gates, gates_rz, gates_n, inputs_rz, inputs_n, rz, r, z, n_t in zip(*per_step):
+            torch.addmm(bias_hh, h, weight_t, out=gates)
+            torch.add(inputs_rz, gates_rz, out=rz).sigmoid_()
+            torch.addcmul(inputs_n, r, gates_n, out=n_t).tanh_()
+            torch.lerp(n_t, h, z, out=h_next)  # h = n + z (h_prev - n)
         ctx.save_for_backward(states, hidden_gates, reset_update, new, weight_hh)
         return states[1:]
 
@@ -262,10 +278,13 @@ class _GruSequence(torch.autograd.Function):
         grad_h = grad_states.new_empty(grad_states.shape)  # dL/dh_t, all of it (output and step t + 1); contiguous
         grad_h[length - 1] = grad_states[length - 1]
         grad_h0 = torch.empty_like(states[0])
+        grad_h_t, grad_out, slopes_t, z_t = grad_h.unbind(0), grad_states.unbind(0), slopes.unbind(0), z.unbind(0)
+        gates_t, gates_flat = grad_hidden_gates.unbind(0), grad_hidden_gates.view(length, batch, -1).unbind(0)
+        previous = (grad_h0, *grad_h_t[:-1])  # where step t's dL/dh_{t-1} goes
         for t in range(length - 1, -1, -1):
-            step = torch.mul(grad_h[t, :, None], slopes[t], out=grad_hidden_gates[t]).view(batch, 3 * width)
-            direct = torch.addcmul(grad_states[t - 1], grad_h[t], z[t]) if t else grad_h[t] * z[t]
-            torch.addmm(direct, step, weight_hh, out=grad_h[t - 1] if t else grad_h0)
+            torch.mul(grad_h_t[t][:, None], slopes_t[t], out=gates_t[t])
+            direct = torch.addcmul(grad_out[t - 1], grad_h_t[t], z_t[t]) if t else grad_h_t[t] * z_t[t]
+            torch.addmm(direct, gates_flat[t], weight_hh, out=previous[t])
         grad_hidden_gates = grad_hidden_gates.view(length, batch, 3 * width)
         grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * width], grad_h * tanh_slope], dim=-1)
         flat = grad_hidden_gates.view(length * batch, 3 * width)
@@ -301,8 +320,8 @@ class _TanhRnnSequence(torch.autograd.Function):
         states = h0.new_empty(input_terms.shape[0] + 1, *h0.shape)
         states[0] = h0
         weight_t = weight_hh.t()
-        for t in range(input_terms.shape[0]):
-            torch.addmm(input_terms[t], states[t], weight_t, out=states[t + 1]).tanh_()
+        for terms, h, h_next in zip(input_terms.unbind(0), states.unbind(0), states[1:].unbind(0)):
+            torch.addmm(terms, h, weight_t, out=h_next).tanh_()
         ctx.save_for_backward(states, weight_hh)
         return states[1:]
 
@@ -313,10 +332,11 @@ class _TanhRnnSequence(torch.autograd.Function):
         length = grad_states.shape[0]
         slopes = 1 - states[1:] * states[1:]  # dh -> d(h before its tanh)
         grad_terms = grad_states.new_empty(grad_states.shape)  # contiguous, whatever the incoming layout
-        carried = grad_states[length - 1]  # dL/dh_t, from the output and from step t + 1
+        grad_out, slopes_t, terms_t = grad_states.unbind(0), slopes.unbind(0), grad_terms.unbind(0)
+        carried = grad_out[length - 1]  # dL/dh_t, from the output and from step t + 1
         for t in range(length - 1, -1, -1):
-            torch.mul(carried, slopes[t], out=grad_terms[t])
-            carried = torch.addmm(grad_states[t - 1], grad_terms[t], weight_hh) if t else grad_terms[t] @ weight_hh
+            torch.mul(carried, slopes_t[t], out=terms_t[t])
+            carried = torch.addmm(grad_out[t - 1], terms_t[t], weight_hh) if t else terms_t[t] @ weight_hh
         flat = grad_terms.view(-1, grad_terms.shape[-1])
         grad_weight = flat.t() @ states[:-1].reshape(flat.shape[0], -1)
         return grad_terms, carried, grad_weight
