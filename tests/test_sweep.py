@@ -362,6 +362,18 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
         assert run.options["max_steps"] is None and run.options["max_train_minutes"] == 10, run.name
     (hybrid_count, gpt2_count) = (counts[name]["num_parameters"] for name in ("gru272-mlp352-10min", "gpt2-224-10min"))
     assert hybrid_count == pytest.approx(gpt2_count, rel=0.01) and hybrid_count > 2 * reference
+    # minutes-5m: the same at about twice that size; GPT-2's learning-rate checks are the same model.
+    counts = {}
+    for run in plan_runs(load_study(STUDIES / "minutes-5m.yaml"), Path("runs")):
+        model_args, data_args, _ = arguments_from_dict(run.options)
+        counts[run.variation] = count_parameters(build_model(model_args, tokenizer, data_args.block_size))
+        assert run.options["max_steps"] is None and run.options["max_train_minutes"] == 10, run.name
+    hybrids = {name: count["num_parameters"] for name, count in counts.items() if name.startswith("gru")}
+    gpt2s = {name: count["num_parameters"] for name, count in counts.items() if name.startswith("gpt2")}
+    assert len(hybrids) >= 2 and len(gpt2s) >= 4 and len(hybrids) + len(gpt2s) == len(counts)
+    assert len(set(hybrids.values())) == len(set(gpt2s.values())) == 1  # learning rates differ, models do not
+    hybrid_count, gpt2_5m = next(iter(hybrids.values())), next(iter(gpt2s.values()))
+    assert hybrid_count == pytest.approx(gpt2_5m, rel=0.01) and hybrid_count > 1.9 * gpt2_count
 
 
 def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):
