@@ -4,6 +4,7 @@
     python benchmarks/training_throughput.py --threads 2 --shapes 12x64
     python benchmarks/training_throughput.py --chunk-sizes 8,16,32,64,128   # the scan's chunk size, mingru hybrid
     python benchmarks/training_throughput.py --precisions bf16   # bfloat16 autocast only (--mixed-precision bf16)
+    python benchmarks/training_throughput.py --rnn-types mingru --intermediate-size 448   # another MLP width
     python benchmarks/training_throughput.py --quick         # a tiny run that only shows the table's shape
 
 One training step is what `hybrid-lm train` does: forward with labels, backward, AdamW step, on random token ids of
@@ -66,11 +67,15 @@ def gpt2(block_size: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def hybrid(rnn_type: str, width: int, chunk_size: int | None = None) -> HybridRnnLmForCausalLM:
+def hybrid(
+    rnn_type: str, width: int, chunk_size: int | None = None, intermediate_size: int | None = None
+) -> HybridRnnLmForCausalLM:
+    """The default hybrid's shape at this width; `intermediate_size` is the MLP width (None: the config's 4 x width)."""
     extra = {} if chunk_size is None else {"scan_chunk_size": chunk_size}
     config = HybridRnnLmConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=width,
+        intermediate_size=intermediate_size,
         num_hidden_layers=HYBRID_LAYERS,
         rnn_type=rnn_type,
         num_attention_heads=HEADS,
@@ -84,11 +89,15 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_width(rnn_type: str, target: int) -> int:
-    """The width whose hybrid has the parameter count closest to `target`, within 10%, preferring multiples of 16
-    (the matrix kernels run markedly slower on widths such as 148; GPT-2's 128 is one), else of 8."""
+def matched_width(rnn_type: str, target: int, intermediate_size: int | None = None) -> int:
+    """The width whose hybrid (with this MLP width, or 4 x width) has the parameter count closest to `target`, within
+    10%, preferring multiples of 16 (the matrix kernels run markedly slower on widths such as 148; GPT-2's 128 is
+    one), else of 8."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        counts = {width: parameter_count(hybrid(rnn_type, width)) for width in range(32, 513, 8)}
+        counts = {
+            width: parameter_count(hybrid(rnn_type, width, intermediate_size=intermediate_size))
+            for width in range(32, 513, 8)
+        }
     close = [width for width, count in counts.items() if abs(count - target) <= 0.1 * target]
     candidates = [width for width in close if width % 16 == 0] or close or list(counts)
     return min(candidates, key=lambda width: abs(counts[width] - target))
@@ -170,12 +179,14 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def throughput_table(args, shapes) -> str:
     reference_name = f"GPT-2 ({GPT2_LAYERS} x {GPT2_WIDTH})"
     target = parameter_count(gpt2(shapes[0][1]))
-    widths = {rnn_type: matched_width(rnn_type, target) for rnn_type in args.rnn_types}
+    mlp = args.intermediate_size
+    widths = {rnn_type: matched_width(rnn_type, target, mlp) for rnn_type in args.rnn_types}
     peaks = {precision: matmul_peak_gflops(precision=precision) for precision in args.precisions}
     peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak GFLOP/s: {peak_text}; "
-        f"{args.rounds} interleaved rounds of {args.steps} steps, medians",
+        f"{args.rounds} interleaved rounds of {args.steps} steps, medians; "
+        f"hybrid MLP width: {'4 x width' if mlp is None else mlp}",
         "",
         "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
         "|---|--:|--:|---|---|--:|--:|--:|--:|",
@@ -184,7 +195,7 @@ def throughput_table(args, shapes) -> str:
         torch.manual_seed(0)
         models = [with_optimizer(reference_name, gpt2(block))]
         models += [
-            with_optimizer(f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width))
+            with_optimizer(f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width, None, mlp))
             for rnn_type, width in widths.items()
         ]
         ids = torch.randint(0, VOCAB_SIZE, (batch, block))
@@ -237,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         default="fp32,bf16",
         help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated",
     )
+    parser.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="MLP width of every hybrid (default: 4 x width); the width is then matched to GPT-2's parameters",
+    )
     parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
     args = parser.parse_args(argv)
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
     if not args.precisions or any(name not in PRECISIONS for name in args.precisions):
         raise SystemExit(f"error: --precisions {','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
+    if args.intermediate_size is not None and args.intermediate_size < 1:
+        raise SystemExit(f"error: --intermediate-size {args.intermediate_size}: the MLP width must be at least 1")
     if args.quick:
         args.shapes, args.rounds, args.steps, args.warmup = "2x16", 1, 1, 0
     if args.chunk_sizes is not None:

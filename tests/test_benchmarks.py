@@ -43,6 +43,21 @@ def test_training_throughput_matches_parameters_within_ten_percent():
         assert abs(count - target) <= 0.1 * target, (rnn_type, width, count, target)
 
 
+def test_training_throughput_times_another_mlp_width_at_the_matched_parameter_count(capsys):
+    """--intermediate-size fixes every hybrid's MLP width; the width is matched to GPT-2 with that MLP."""
+    benchmark = load("training_throughput")
+    target = benchmark.parameter_count(benchmark.gpt2(64))
+    width = benchmark.matched_width("mingru", target, intermediate_size=448)
+    model = benchmark.hybrid("mingru", width, intermediate_size=448)
+    assert model.config.intermediate_size == 448 and width != benchmark.matched_width("mingru", target)
+    assert abs(benchmark.parameter_count(model) - target) <= 0.1 * target
+    benchmark.main(["--quick", "--rnn-types", "mingru", "--precisions", "fp32", "--intermediate-size", "448"])
+    out = capsys.readouterr().out
+    assert "hybrid MLP width: 448" in out and f"| hybrid mingru (3 x {width}) | {width} |" in out
+    with pytest.raises(SystemExit, match="--intermediate-size 0: the MLP width must be at least 1"):
+        benchmark.main(["--quick", "--intermediate-size", "0"])
+
+
 def test_training_throughput_rejects_an_unknown_cell():
     benchmark = load("training_throughput")
     with pytest.raises(SystemExit, match="--rnn-types transformer: not a cell"):
