@@ -215,9 +215,11 @@ def throughput_table(args, shapes) -> str:
 
 def chunk_size_table(args, shapes) -> str:
     """tokens/s of the mingru hybrid (width matched to GPT-2) for each scan chunk size."""
-    width = matched_width("mingru", parameter_count(gpt2(shapes[0][1])))
+    width = matched_width("mingru", parameter_count(gpt2(shapes[0][1])), args.intermediate_size)
     lines = [
-        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}), {torch.get_num_threads()} thread(s)",
+        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width "
+        f"{'4 x width' if args.intermediate_size is None else args.intermediate_size}), "
+        f"{torch.get_num_threads()} thread(s)",
         "",
         "| chunk size | " + " | ".join(f"{b} x {t} tokens/s" for b, t in shapes) + " |",
         "|--:|" + "--:|" * len(shapes),
@@ -227,7 +229,8 @@ def chunk_size_table(args, shapes) -> str:
         models = []
         for chunk in args.chunk_sizes:
             torch.manual_seed(0)
-            models.append(with_optimizer(str(chunk), hybrid("mingru", width, chunk_size=chunk)))
+            model = hybrid("mingru", width, chunk_size=chunk, intermediate_size=args.intermediate_size)
+            models.append(with_optimizer(str(chunk), model))
         results[(batch, block)] = measure(models, batch, block, args.rounds, args.steps, args.warmup)
     for chunk in args.chunk_sizes:
         row = " | ".join(f"{results[shape][str(chunk)]:,.0f}" for shape in shapes)
