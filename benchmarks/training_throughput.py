@@ -85,6 +85,10 @@ def hybrid(
     return HybridRnnLmForCausalLM(config)
 
 
+def mlp_label(intermediate_size: int | None) -> str:
+    return "4 x width" if intermediate_size is None else str(intermediate_size)
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -186,7 +190,7 @@ def throughput_table(args, shapes) -> str:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak GFLOP/s: {peak_text}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps, medians; "
-        f"hybrid MLP width: {'4 x width' if mlp is None else mlp}",
+        f"hybrid MLP width: {mlp_label(mlp)}",
         "",
         "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
         "|---|--:|--:|---|---|--:|--:|--:|--:|",
@@ -195,7 +199,9 @@ def throughput_table(args, shapes) -> str:
         torch.manual_seed(0)
         models = [with_optimizer(reference_name, gpt2(block))]
         models += [
-            with_optimizer(f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width, None, mlp))
+            with_optimizer(
+                f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width, intermediate_size=mlp)
+            )
             for rnn_type, width in widths.items()
         ]
         ids = torch.randint(0, VOCAB_SIZE, (batch, block))
@@ -217,8 +223,7 @@ def chunk_size_table(args, shapes) -> str:
     """tokens/s of the mingru hybrid (width matched to GPT-2) for each scan chunk size."""
     width = matched_width("mingru", parameter_count(gpt2(shapes[0][1])), args.intermediate_size)
     lines = [
-        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width "
-        f"{'4 x width' if args.intermediate_size is None else args.intermediate_size}), "
+        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width {mlp_label(args.intermediate_size)}), "
         f"{torch.get_num_threads()} thread(s)",
         "",
         "| chunk size | " + " | ".join(f"{b} x {t} tokens/s" for b, t in shapes) + " |",
