@@ -5,6 +5,7 @@
     python benchmarks/training_throughput.py --chunk-sizes 8,16,32,64,128   # the scan's chunk size, mingru hybrid
     python benchmarks/training_throughput.py --precisions bf16   # bfloat16 autocast only (--mixed-precision bf16)
     python benchmarks/training_throughput.py --rnn-types mingru --intermediate-size 448   # another MLP width
+    python benchmarks/training_throughput.py --rnn-types mingru --hidden-act gelu,relu2   # the MLP's activation
     python benchmarks/training_throughput.py --quick         # a tiny run that only shows the table's shape
 
 One training step is what `hybrid-lm train` does: forward with labels, backward, AdamW step, on random token ids of
@@ -33,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import ACT2FN
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
 from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
@@ -51,7 +53,9 @@ class Model:
     parameters: int
 
 
-def gpt2(block_size: int) -> GPT2LMHeadModel:
+def gpt2(block_size: int, activation: str | None = None) -> GPT2LMHeadModel:
+    """nanoGPT's CPU GPT-2; `activation` replaces its MLP's gelu_new (None: transformers' default)."""
+    extra = {} if activation is None else {"activation_function": activation}
     config = GPT2Config(
         vocab_size=VOCAB_SIZE,
         n_embd=GPT2_WIDTH,
@@ -63,15 +67,23 @@ def gpt2(block_size: int) -> GPT2LMHeadModel:
         attn_pdrop=0.0,
         bos_token_id=None,
         eos_token_id=None,
+        **extra,
     )
     return GPT2LMHeadModel(config)
 
 
 def hybrid(
-    rnn_type: str, width: int, chunk_size: int | None = None, intermediate_size: int | None = None
+    rnn_type: str,
+    width: int,
+    chunk_size: int | None = None,
+    intermediate_size: int | None = None,
+    activation: str | None = None,
 ) -> HybridRnnLmForCausalLM:
-    """The default hybrid's shape at this width; `intermediate_size` is the MLP width (None: the config's 4 x width)."""
+    """The default hybrid's shape at this width; `intermediate_size` is the MLP width (None: the config's 4 x width),
+    `activation` the MLP's activation (None: the config's GELU)."""
     extra = {} if chunk_size is None else {"scan_chunk_size": chunk_size}
+    if activation is not None:
+        extra["hidden_act"] = activation
     config = HybridRnnLmConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=width,
@@ -85,8 +97,9 @@ def hybrid(
     return HybridRnnLmForCausalLM(config)
 
 
-def mlp_label(intermediate_size: int | None) -> str:
-    return "4 x width" if intermediate_size is None else str(intermediate_size)
+def mlp_label(intermediate_size: int | None, activations: list[str]) -> str:
+    width = "4 x width" if intermediate_size is None else str(intermediate_size)
+    return f"{width}, {' / '.join(activations)}"
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -182,6 +195,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def throughput_table(args, shapes) -> str:
     reference_name = f"GPT-2 ({GPT2_LAYERS} x {GPT2_WIDTH})"
+    if args.gpt2_act is not None:
+        reference_name = f"GPT-2 ({GPT2_LAYERS} x {GPT2_WIDTH}, {args.gpt2_act})"
     target = parameter_count(gpt2(shapes[0][1]))
     mlp = args.intermediate_size
     widths = {rnn_type: matched_width(rnn_type, target, mlp) for rnn_type in args.rnn_types}
@@ -190,20 +205,19 @@ def throughput_table(args, shapes) -> str:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak GFLOP/s: {peak_text}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps, medians; "
-        f"hybrid MLP width: {mlp_label(mlp)}",
+        f"hybrid MLP width, activation: {mlp_label(mlp, args.hidden_act)}",
         "",
         "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |",
         "|---|--:|--:|---|---|--:|--:|--:|--:|",
     ]
     for batch, block in shapes:
         torch.manual_seed(0)
-        models = [with_optimizer(reference_name, gpt2(block))]
-        models += [
-            with_optimizer(
-                f"hybrid {rnn_type} ({HYBRID_LAYERS} x {width})", hybrid(rnn_type, width, intermediate_size=mlp)
-            )
-            for rnn_type, width in widths.items()
-        ]
+        models = [with_optimizer(reference_name, gpt2(block, args.gpt2_act))]
+        for rnn_type, width in widths.items():
+            for activation in args.hidden_act:  # the activation is named in the row when there are several
+                cell = rnn_type if len(args.hidden_act) == 1 else f"{rnn_type} {activation}"
+                model = hybrid(rnn_type, width, intermediate_size=mlp, activation=activation)
+                models.append(with_optimizer(f"hybrid {cell} ({HYBRID_LAYERS} x {width})", model))
         ids = torch.randint(0, VOCAB_SIZE, (batch, block))
         flops = {entry.name: step_flops(entry, ids) for entry in models}
         for precision in args.precisions:
@@ -223,7 +237,8 @@ def chunk_size_table(args, shapes) -> str:
     """tokens/s of the mingru hybrid (width matched to GPT-2) for each scan chunk size."""
     width = matched_width("mingru", parameter_count(gpt2(shapes[0][1])), args.intermediate_size)
     lines = [
-        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width {mlp_label(args.intermediate_size)}), "
+        f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width, activation "
+        f"{mlp_label(args.intermediate_size, args.hidden_act)}), "
         f"{torch.get_num_threads()} thread(s)",
         "",
         "| chunk size | " + " | ".join(f"{b} x {t} tokens/s" for b, t in shapes) + " |",
@@ -234,7 +249,7 @@ def chunk_size_table(args, shapes) -> str:
         models = []
         for chunk in args.chunk_sizes:
             torch.manual_seed(0)
-            model = hybrid("mingru", width, chunk_size=chunk, intermediate_size=args.intermediate_size)
+            model = hybrid("mingru", width, chunk, args.intermediate_size, args.hidden_act[0])
             models.append(with_optimizer(str(chunk), model))
         results[(batch, block)] = measure(models, batch, block, args.rounds, args.steps, args.warmup)
     for chunk in args.chunk_sizes:
@@ -262,6 +277,17 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="MLP width of every hybrid (default: 4 x width); the width is then matched to GPT-2's parameters",
     )
+    parser.add_argument(
+        "--hidden-act",
+        default=HybridRnnLmConfig().hidden_act,
+        help="MLP activation(s) of the hybrids, names of transformers' ACT2FN, comma separated (relu2 = squared ReLU); "
+        "several give a row each, in the same interleaved rounds (default: the config's gelu)",
+    )
+    parser.add_argument(
+        "--gpt2-act",
+        default=None,
+        help="MLP activation of the GPT-2 reference (default: transformers' gelu_new), to compare like with like",
+    )
     parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
     args = parser.parse_args(argv)
@@ -274,8 +300,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --precisions {','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
     if args.intermediate_size is not None and args.intermediate_size < 1:
         raise SystemExit(f"error: --intermediate-size {args.intermediate_size}: the MLP width must be at least 1")
+    args.hidden_act = [name.strip() for name in args.hidden_act.split(",") if name.strip()]
+    if not args.hidden_act:
+        raise SystemExit("error: --hidden-act is empty: give one activation or more, e.g. gelu,relu2")
+    unknown = [name for name in (*args.hidden_act, args.gpt2_act) if name is not None and name not in ACT2FN]
+    if unknown:
+        raise SystemExit(
+            f"error: activation {unknown[0]!r} is not in transformers' ACT2FN; choose from {', '.join(ACT2FN)}"
+        )
     if args.quick:
         args.shapes, args.rounds, args.steps, args.warmup = "2x16", 1, 1, 0
+    if args.chunk_sizes is not None and len(args.hidden_act) > 1:
+        raise SystemExit("error: --chunk-sizes times one model per chunk size: give one --hidden-act")
     if args.chunk_sizes is not None:
         args.chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
     torch.set_num_threads(args.threads)

@@ -3,6 +3,7 @@
 import math
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 FUSED_RNN_TYPES = ("rnn", "gru", "lstm")  # torch's fused nn.RNN / nn.GRU / nn.LSTM: a sequential loop over time
 SCAN_RNN_TYPES = ("mingru", "minlstm")  # gates from the input only: a whole block at once with a parallel scan
@@ -37,6 +38,8 @@ class HybridRnnLmConfig(PreTrainedConfig):
             tokens (the token itself included); the generation cache then keeps only the last `attention_window`
             keys/values.
         intermediate_size (`int`, *optional*): MLP width; defaults to `4 * hidden_size`.
+        hidden_act (`str`, defaults to `"gelu"`): the MLP's activation, any name of transformers' `ACT2FN`
+            (`"gelu"`, `"relu"`, `"relu2"` (squared ReLU), `"silu"`, ...).
         hidden_dropout (`float`, defaults to 0.0): dropout on embeddings and on every sub-layer output.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of the layer norms.
@@ -72,6 +75,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         attention_layers: str | int | list[int] = "all",
         attention_window: int | None = None,
         intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
         hidden_dropout: float = 0.0,
         attention_dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
@@ -97,6 +101,7 @@ class HybridRnnLmConfig(PreTrainedConfig):
         self.attention_layers = list(attention_layers) if isinstance(attention_layers, tuple) else attention_layers
         self.attention_window = attention_window
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
         self.layer_norm_eps = layer_norm_eps
@@ -162,6 +167,11 @@ class HybridRnnLmConfig(PreTrainedConfig):
                 fail(field, f"must be True or False, got {value!r}")
         if self.rnn_type not in RNN_TYPES:
             fail("rnn_type", f"must be one of {', '.join(repr(t) for t in RNN_TYPES)}, got {self.rnn_type!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            fail(
+                "hidden_act",
+                f"must be one of transformers' activations ({', '.join(ACT2FN)}), got {self.hidden_act!r}",
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             fail(
                 "num_attention_heads",

@@ -837,7 +837,7 @@ class HybridRnnLmMLP(nn.Module):
     def __init__(self, config: HybridRnnLmConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN["gelu"]
+        self.act = ACT2FN[config.hidden_act]
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states):

@@ -53,9 +53,35 @@ def test_training_throughput_times_another_mlp_width_at_the_matched_parameter_co
     assert abs(benchmark.parameter_count(model) - target) <= 0.1 * target
     benchmark.main(["--quick", "--rnn-types", "mingru", "--precisions", "fp32", "--intermediate-size", "448"])
     out = capsys.readouterr().out
-    assert "hybrid MLP width: 448" in out and f"| hybrid mingru (3 x {width}) | {width} |" in out
+    assert "hybrid MLP width, activation: 448, gelu" in out and f"| hybrid mingru (3 x {width}) | {width} |" in out
     with pytest.raises(SystemExit, match="--intermediate-size 0: the MLP width must be at least 1"):
         benchmark.main(["--quick", "--intermediate-size", "0"])
+
+
+def test_training_throughput_times_other_activations_for_the_hybrids_and_for_gpt2(capsys):
+    """--hidden-act sets the hybrids' MLP activation (several: a row each, in the same rounds), --gpt2-act the
+    reference's; the table names them."""
+    benchmark = load("training_throughput")
+    assert benchmark.hybrid("mingru", 64, activation="relu2").config.hidden_act == "relu2"
+    assert benchmark.gpt2(64, "relu2").config.activation_function == "relu2"
+    assert benchmark.gpt2(64).config.activation_function == "gelu_new"
+    benchmark.main(["--quick", "--rnn-types", "mingru,gru", "--precisions", "fp32", "--hidden-act", "gelu,relu2"])
+    out = capsys.readouterr().out
+    assert "hybrid MLP width, activation: 4 x width, gelu / relu2" in out and "| GPT-2 (4 x 128) |" in out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| hybrid")]
+    assert [row.split(" (")[0] for row in rows] == [
+        "hybrid mingru gelu",
+        "hybrid mingru relu2",
+        "hybrid gru gelu",
+        "hybrid gru relu2",
+    ]
+    benchmark.main(["--quick", "--rnn-types", "mingru", "--precisions", "fp32", "--gpt2-act", "relu2"])
+    out = capsys.readouterr().out
+    assert "hybrid MLP width, activation: 4 x width, gelu" in out and "| GPT-2 (4 x 128, relu2) | 128 |" in out
+    with pytest.raises(SystemExit, match="activation 'swiglu' is not in transformers' ACT2FN"):
+        benchmark.main(["--quick", "--hidden-act", "relu2,swiglu"])
+    with pytest.raises(SystemExit, match="--chunk-sizes times one model per chunk size: give one --hidden-act"):
+        benchmark.main(["--quick", "--hidden-act", "gelu,relu2", "--chunk-sizes", "4,8"])
 
 
 def test_training_throughput_rejects_an_unknown_cell():

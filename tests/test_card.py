@@ -209,3 +209,14 @@ def test_a_torn_last_metrics_line_left_by_a_kill_is_ignored(folder):
     assert rows[-1]["step"] != 999
     metrics.write_text(metrics.read_text().rsplit("\n", 1)[0] + '\n{"step": 999, "train_loss": 1.0}')  # whole row
     assert read_metrics(metrics)[-1] == {"step": 999, "train_loss": 1.0}
+
+
+def test_activation_row_names_the_saved_activation_and_gelu_for_configs_saved_before_the_field(tmp_path):
+    from hybrid_rnn_lm import HybridRnnLmConfig
+
+    saved = json.loads(HybridRnnLmConfig(hidden_size=16, num_attention_heads=2, hidden_act="relu2").to_json_string())
+    assert dict(architecture_rows(RunFiles(folder=tmp_path, config=saved)))["MLP activation"] == "`relu2`"
+    del saved["hidden_act"]  # an older config.json: its models computed GELU
+    assert dict(architecture_rows(RunFiles(folder=tmp_path, config=saved)))["MLP activation"] == "`gelu`"
+    gpt2 = {"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 32, "vocab_size": 40}
+    assert dict(architecture_rows(RunFiles(folder=tmp_path, config=gpt2)))["MLP activation"] == "`gelu_new`"

@@ -41,10 +41,12 @@ def test_eos_token_id_may_be_a_list():
 
 
 def test_json_round_trip(tmp_path):
-    config = HybridRnnLmConfig(rnn_type="lstm", attention_layers=[1], attention_window=32, hidden_dropout=0.1)
+    config = HybridRnnLmConfig(
+        rnn_type="lstm", attention_layers=[1], attention_window=32, hidden_dropout=0.1, hidden_act="relu2"
+    )
     config.save_pretrained(tmp_path)
     loaded = HybridRnnLmConfig.from_pretrained(tmp_path)
-    for field in ("rnn_type", "attention_layers", "attention_window", "hidden_dropout", "layer_types"):
+    for field in ("rnn_type", "attention_layers", "attention_window", "hidden_dropout", "layer_types", "hidden_act"):
         assert getattr(loaded, field) == getattr(config, field)
 
 
@@ -77,6 +79,7 @@ def test_json_round_trip(tmp_path):
         ({"layer_norm_eps": float("nan")}, "HybridRnnLmConfig.layer_norm_eps: must be a finite number > 0, got nan"),
         ({"initializer_range": float("inf")}, "HybridRnnLmConfig.initializer_range: must be a finite number > 0"),
         ({"scan_chunk_size": 0}, "HybridRnnLmConfig.scan_chunk_size: must be a positive integer"),
+        ({"hidden_act": "swiglu"}, "HybridRnnLmConfig.hidden_act: must be one of transformers' activations (gelu, "),
     ],
     ids=lambda value: None if isinstance(value, dict) else value.split(":")[0].split(".")[-1],
 )

@@ -221,3 +221,28 @@ def test_hidden_states_and_attentions_outputs():
         assert maps.shape == (2, 4, 9, 9)
         torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 9))
         assert torch.all(maps.triu(diagonal=1) == 0), "attention looked at the future"
+
+
+@pytest.mark.parametrize(
+    ("hidden_act", "activation"),
+    [
+        ("gelu", torch.nn.functional.gelu),
+        ("relu", torch.relu),
+        ("relu2", lambda x: torch.relu(x) ** 2),
+        ("silu", torch.nn.functional.silu),
+    ],
+)
+def test_mlp_applies_the_configured_activation_and_a_reload_keeps_it(hidden_act, activation, tmp_path):
+    config = tiny_config("mingru", hidden_act=hidden_act)
+    model = peaky_model(config)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, config.hidden_size)
+    with torch.no_grad():
+        expected = mlp.down_proj(activation(mlp.up_proj(x)))
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=1e-6)
+    ids = random_ids(2, 9)
+    model.save_pretrained(tmp_path)
+    reloaded = HybridRnnLmForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.hidden_act == hidden_act
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)

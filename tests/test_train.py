@@ -23,7 +23,7 @@ from training.arguments import (
 )
 from training.evaluation import EvalArguments, evaluate_folder
 from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics
-from training.train import run_training
+from training.train import build_model_config, run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,6 +302,7 @@ def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
     assert isinstance(model, GPT2LMHeadModel)
     assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (32, 2, 2)
+    assert model.config.activation_function == "gelu_new"  # unset --hidden-act: GPT-2's own
     assert results["architecture"] == "gpt2" and results["num_parameters"] == model.num_parameters()
     # No state to carry: the best model is also read in sliding windows half a block apart, as `hybrid-lm eval
     # --stride 16` reads it, every validation token scored.
@@ -312,6 +313,16 @@ def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
     # The sample stops at GPT-2's 32 positions instead of failing.
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
     assert len(tokenizer(results["sample"], add_special_tokens=False).input_ids) <= 32
+
+
+@pytest.mark.parametrize(
+    ("hidden_act", "hybrid_act", "gpt2_act"), [(None, "gelu", "gelu_new"), ("relu2", "relu2", "relu2")]
+)
+def test_hidden_act_sets_the_mlp_activation_of_either_architecture(hidden_act, hybrid_act, gpt2_act):
+    """Unset, each architecture keeps its own activation (the hybrid's GELU, GPT-2's gelu_new)."""
+    hybrid = build_model_config(ModelArguments(hidden_act=hidden_act), vocab_size=40, block_size=32)
+    gpt2 = build_model_config(ModelArguments(architecture="gpt2", hidden_act=hidden_act), vocab_size=40, block_size=32)
+    assert (hybrid.hidden_act, gpt2.activation_function) == (hybrid_act, gpt2_act)
 
 
 def test_bf16_autocast_on_cpu_trains_and_saves_float32_weights(tmp_path):

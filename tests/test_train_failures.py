@@ -96,6 +96,10 @@ BAD_ARGUMENTS = {
     "steps-and-epochs": (["--max-steps", "5", "--epochs", "1"], "pass only one of them"),
     "heads-do-not-divide": (["--hidden-size", "32", "--num-attention-heads", "3"], "does not divide --hidden-size 32"),
     "attention-layer-out-of-range": (["--attention-layers", "0,9"], "out of range"),
+    "unknown-activation": (
+        ["--hidden-act", "swiglu"],
+        "--hidden-act 'swiglu' is not an activation transformers knows",
+    ),
     "unknown-scheduler": (["--lr-scheduler", "sawtooth"], "'sawtooth' is not known; choose one of: linear"),
     "unknown-tracker": (["--report-to", "carrier-pigeon"], "not a tracker accelerate knows"),
     "missing-dataset": (["--dataset", "missing/corpus.txt"], "does not exist"),

@@ -71,6 +71,11 @@ class ModelArguments:
         "MLP width; null in a config file = 4 x --hidden-size. The default pairs a wide recurrent state with a narrow "
         "MLP, which learns more per step than 128 / 512 at the same size (results/gru-width)",
     )
+    hidden_act: str | None = arg(
+        None,
+        "the MLP's activation, any name of transformers' ACT2FN (gelu, relu, relu2 = squared ReLU, silu, ...); unset = "
+        "the architecture's own (hybrid: gelu, GPT-2: gelu_new)",
+    )
     hidden_dropout: float = arg(0.0, "dropout on embeddings and sub-layer outputs")
     attention_dropout: float = arg(0.0, "dropout on attention probabilities")
     use_residual: bool = arg(True, "residual connections around every sub-layer (--no-use-residual: ablation)")
@@ -90,6 +95,14 @@ class ModelArguments:
         self.attention_layers = format_attention_layers(parse_attention_layers(str(self.attention_layers)))
         _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
         _check_positive(self, "attention_window", "intermediate_size", allow_none=True)
+        if self.hidden_act is not None:
+            from transformers.activations import ACT2FN
+
+            if self.hidden_act not in ACT2FN:
+                raise UserError(
+                    f"--hidden-act {self.hidden_act!r} is not an activation transformers knows; pick one of "
+                    f"{', '.join(ACT2FN)}"
+                )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}; pick e.g. 0.1")

@@ -242,6 +242,7 @@ def _hybrid_rows(config: dict) -> list[tuple[str, str]]:
         ("Blocks", str(loaded.num_hidden_layers)),
         ("Hidden size", str(hidden)),
         ("MLP intermediate size", str(loaded.intermediate_size)),
+        ("MLP activation", f"`{getattr(loaded, 'hidden_act', 'gelu')}`"),  # configs saved before the field: GELU
         ("Attention layers", _attention_layout(indices, loaded.num_hidden_layers, loaded.attention_layers)),
     ]
     if indices:
@@ -271,6 +272,7 @@ def _gpt2_rows(config: dict) -> list[tuple[str, str]]:
         ("Blocks", str(config["n_layer"])),
         ("Hidden size", str(hidden)),
         ("MLP intermediate size", str(config.get("n_inner") or 4 * hidden)),
+        ("MLP activation", f"`{config.get('activation_function', 'gelu_new')}`"),
         ("Attention layers", f"every block ({config['n_layer']} of {config['n_layer']})"),
         ("Attention heads", f"{heads} (head size {hidden // heads})"),
         ("Attention window", f"full causal, learned positions up to {config['n_positions']} tokens"),
