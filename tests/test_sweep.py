@@ -376,6 +376,26 @@ def test_shipped_studies_plan_and_sizes_spans_16x_with_matched_gpt2():
     assert hybrid_count == pytest.approx(gpt2_5m, rel=0.01) and hybrid_count > 1.9 * gpt2_count
 
 
+def test_shipped_studies_pin_the_activation_their_results_were_made_with():
+    """A study's committed numbers stay reproducible when the CLI's default activation changes: every run names its
+    MLP activation. The hybrids of every study but `activation` computed GELU, every GPT-2 transformers' gelu_new
+    (the activation study's GPT-2 runs, the exact GELU)."""
+    from training.arguments import arguments_from_dict
+    from training.train import build_model_config
+
+    for path in sorted(STUDIES.glob("*.yaml")):
+        for run in plan_runs(load_study(path), Path("runs")):
+            assert run.options["hidden_act"] is not None, (path.name, run.name)
+            model_args, data_args, _ = arguments_from_dict(run.options)
+            config = build_model_config(model_args, vocab_size=69, block_size=data_args.block_size)
+            activation = getattr(config, "hidden_act", None) or config.activation_function
+            if path.name == "activation.yaml":
+                expected = "gelu" if run.name.startswith("gpt2") else run.variation.split("-")[-1]
+            else:
+                expected = "gelu_new" if model_args.architecture == "gpt2" else "gelu"
+            assert activation == expected, (path.name, run.name, activation)
+
+
 def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_path, capsys, monkeypatch):
     (tmp_path / "corpus.txt").write_text(_corpus())
     study_path = tmp_path / "study.yaml"

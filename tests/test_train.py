@@ -316,10 +316,11 @@ def test_gpt2_baseline_trains_in_the_same_loop(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("hidden_act", "hybrid_act", "gpt2_act"), [(None, "gelu", "gelu_new"), ("relu2", "relu2", "relu2")]
+    ("hidden_act", "hybrid_act", "gpt2_act"), [(None, "relu2", "gelu_new"), ("gelu", "gelu", "gelu")]
 )
 def test_hidden_act_sets_the_mlp_activation_of_either_architecture(hidden_act, hybrid_act, gpt2_act):
-    """Unset, each architecture keeps its own activation (the hybrid's GELU, GPT-2's gelu_new)."""
+    """Unset: squared ReLU for the hybrid (the config's own default, for loading older models, is GELU) and GPT-2's
+    own gelu_new."""
     hybrid = build_model_config(ModelArguments(hidden_act=hidden_act), vocab_size=40, block_size=32)
     gpt2 = build_model_config(ModelArguments(architecture="gpt2", hidden_act=hidden_act), vocab_size=40, block_size=32)
     assert (hybrid.hidden_act, gpt2.activation_function) == (hybrid_act, gpt2_act)

@@ -39,6 +39,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 
 from training.arguments import (
+    DEFAULT_HYBRID_ACTIVATION,
     DEFAULT_MAX_STEPS,
     DataArguments,
     ModelArguments,
@@ -901,7 +902,7 @@ def build_model_config(model_args: ModelArguments, vocab_size: int, block_size: 
             attention_layers=parse_attention_layers(model_args.attention_layers),
             attention_window=model_args.attention_window,
             intermediate_size=model_args.intermediate_size,
-            hidden_act=model_args.hidden_act or HybridRnnLmConfig().hidden_act,
+            hidden_act=model_args.hidden_act or DEFAULT_HYBRID_ACTIVATION,
             hidden_dropout=model_args.hidden_dropout,
             attention_dropout=model_args.attention_dropout,
             use_residual=model_args.use_residual,
