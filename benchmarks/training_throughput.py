@@ -249,7 +249,13 @@ def chunk_size_table(args, shapes) -> str:
         models = []
         for chunk in args.chunk_sizes:
             torch.manual_seed(0)
-            model = hybrid("mingru", width, chunk, args.intermediate_size, args.hidden_act[0])
+            model = hybrid(
+                "mingru",
+                width,
+                chunk_size=chunk,
+                intermediate_size=args.intermediate_size,
+                activation=args.hidden_act[0],
+            )
             models.append(with_optimizer(str(chunk), model))
         results[(batch, block)] = measure(models, batch, block, args.rounds, args.steps, args.warmup)
     for chunk in args.chunk_sizes:
