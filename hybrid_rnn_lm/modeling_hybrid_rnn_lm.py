@@ -503,10 +503,15 @@ def scan_coefficients(projected: torch.Tensor, num_gates: int) -> tuple[torch.Te
     minGRU (one gate):   z = sigmoid(g),                      a = 1 - z,       b = z * h~
     minLSTM (two gates): f = sigmoid(g_f), i = sigmoid(g_i),  a = f / (f + i), b = i / (f + i) * h~
     """
-    if num_gates == 1:
-        update, candidate = _gates(projected, num_gates)
+    *gates, candidate = _gates(projected, num_gates)
+    return _coefficients(gates, candidate)
+
+
+def _coefficients(gates, candidate) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(gates) == 1:
+        (update,) = gates
         return 1.0 - update, update * candidate
-    forget, write, candidate = _gates(projected, num_gates)
+    forget, write = gates
     total = forget + write
     return forget / total, write / total * candidate
 
@@ -520,7 +525,10 @@ def _gates(projected: torch.Tensor, num_gates: int) -> tuple[torch.Tensor, ...]:
 def masked_scan_coefficients(projected, num_gates, document_starts=None, padding_mask=None):
     """`scan_coefficients` with the masks applied: a = 0 at a document start (the state restarts from zero); a = 1,
     b = 0 at a padded position (the state passes unchanged)."""
-    a, b = scan_coefficients(projected, num_gates)
+    return _mask_coefficients(*scan_coefficients(projected, num_gates), document_starts, padding_mask)
+
+
+def _mask_coefficients(a, b, document_starts, padding_mask):
     a = _mask_gates(a, document_starts, padding_mask)
     if padding_mask is not None:
         b = b.masked_fill(~padding_mask[..., None], 0.0)
@@ -542,60 +550,76 @@ def _masks_at(document_starts, padding_mask, steps: slice):
 
 class _GatedScan(torch.autograd.Function):
     """A scan cell's gates, masks and scan in one autograd node: from the input projection (B, T, (gates + 1) * H)
-    to every state (B, T, H), float32. Only the projection and the states are kept; the backward pass recomputes the
-    gates and writes the projection's gradient into one tensor from `_scan_backward`'s dL/da and dL/db and the gates'
-    derivatives. `masked_scan_coefficients` + `linear_recurrence_reference` differentiated by autograd is the check
-    (tests/test_scan.py)."""
+    to every state (B, T, H), float32. The float32 gates and candidate and the states are kept for the backward
+    pass, which writes the projection's gradient, in the projection's dtype, from `_scan_backward`'s dL/da and dL/db
+    and the gates' derivatives, without recomputing or re-widening anything. `masked_scan_coefficients` +
+    `linear_recurrence_reference` differentiated by autograd is the check (tests/test_scan.py)."""
 
     @staticmethod
     def forward(ctx, projected, initial_state, document_starts, padding_mask, num_gates, chunk_size):
-        a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)  # fresh tensors
+        *gates, candidate = _gates(projected, num_gates)
+        a, b = _coefficients(gates, candidate)  # fresh tensors
+        a, b = _mask_coefficients(a, b, document_starts, padding_mask)
         states = _chunked_scan(a, b, initial_state, chunk_size, inplace=True)
-        ctx.num_gates, ctx.chunk_size = num_gates, chunk_size
-        ctx.save_for_backward(projected, states, initial_state, document_starts, padding_mask)
+        ctx.num_gates, ctx.chunk_size, ctx.projected_dtype = num_gates, chunk_size, projected.dtype
+        ctx.save_for_backward(*gates, candidate, states, initial_state, document_starts, padding_mask)
         return states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states):
-        projected, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
-        width = states.shape[-1]
+        *gates, candidate, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
+        batch, length, width = states.shape
         if ctx.num_gates == 1:
-            update, candidate = _gates(projected, 1)
+            (update,) = gates
             a = 1.0 - update
         else:
-            forget, write, candidate = _gates(projected, 2)
+            forget, write = gates
             total = forget + write
             a = forget / total
         # d_t, the gradient reaching h_t, through the masked gates (0 at a start, 1 at padding); dL/db_t = d_t and
         # dL/da_t = d_t * h_{t-1}.
         next_masks = _masks_at(document_starts, padding_mask, slice(1, None))
         grad = _gradient_scan(a, grad_states, ctx.chunk_size, *next_masks)
-        grad_projected = torch.empty(projected.shape, dtype=a.dtype, device=projected.device)
-        # h_{t-1} as the gate sees it (zero at a document start: there a is a constant), built in the first slot.
-        first = grad_projected[..., :width]
-        first[:, 1:] = states[:, :-1]
-        first[:, 0] = 0.0 if initial_state is None else initial_state
+        grad_projected = torch.empty(
+            (batch, length, (ctx.num_gates + 1) * width), dtype=ctx.projected_dtype, device=states.device
+        )
+        # The float32 work space: the projection's gradient itself when it is float32, else one (B, T, H) buffer
+        # whose results are rounded once, as they are written.
+        wide = grad_projected.dtype == a.dtype
+        work = grad_projected[..., :width] if wide else torch.empty_like(states)
+        # The candidate minus h_{t-1}, h_{t-1} as the gate sees it (zero at a document start: there a is a constant).
+        torch.sub(candidate[:, 1:], states[:, :-1], out=work[:, 1:])
+        if initial_state is None:
+            work[:, 0] = candidate[:, 0]
+        else:
+            torch.sub(candidate[:, 0], initial_state, out=work[:, 0])
         if document_starts is not None:
-            first.masked_fill_(document_starts[..., None], 0.0)
+            torch.where(document_starts[..., None], candidate, work, out=work)
         if ctx.num_gates == 1:
             # a = 1 - z, b = z * h~:  dL/dz = dL/db * h~ - dL/da = d (h~ - h_{t-1});  dz/dg = z (1 - z);  dL/dh~ = d z
-            torch.sub(candidate, first, out=first).mul_(grad).mul_(update).mul_(a)
+            work.mul_(grad).mul_(update)
+            torch.mul(work, a, out=grad_projected[..., :width])
             torch.mul(grad, update, out=grad_projected[..., width:])
         else:
-            # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/da - dL/db * h~) / s^2 = d (h_{t-1} - h~) / s^2:
-            # dL/df = q i, dL/di = -q f, dL/dh~ = d i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
-            first.sub_(candidate).mul_(grad).div_(total).div_(total)  # q
-            torch.mul(first, forget, out=grad_projected[..., width : 2 * width]).mul_(write).mul_(write - 1.0)
-            first.mul_(write).mul_(forget).mul_(1.0 - forget)
-            torch.mul(grad, write, out=grad_projected[..., 2 * width :]).div_(total)
+            # a = f / s, b = i / s * h~ with s = f + i. With q = (dL/db * h~ - dL/da) / s^2 = d (h~ - h_{t-1}) / s^2:
+            # dL/df = -q i, dL/di = q f, dL/dh~ = d i / s;  df/dg_f = f (1 - f),  di/dg_i = i (1 - i).
+            work.mul_(grad).div_(total).div_(total)  # q
+            write_slot, candidate_slot = grad_projected[..., width : 2 * width], grad_projected[..., 2 * width :]
+            grad_write = torch.mul(work, forget, out=write_slot if wide else None).mul_(write).mul_(1.0 - write)
+            grad_candidate = torch.mul(grad, write, out=candidate_slot if wide else None).div_(total)
+            work.mul_(write).mul_(forget).mul_(forget - 1.0)
+            if not wide:  # each result rounded once
+                grad_projected[..., :width] = work
+                write_slot.copy_(grad_write)
+                candidate_slot.copy_(grad_candidate)
         if padding_mask is not None:  # a padded step's a and b are constants: no gradient reaches its projection
             grad_projected.masked_fill_(~padding_mask[..., None], 0.0)
         grad_initial = None
         if ctx.needs_input_grad[1]:  # dL/dh_0 = a_1 * d_1, with the masked a
             first_gate = _mask_gates(a[:, :1], *_masks_at(document_starts, padding_mask, slice(0, 1)))
             grad_initial = grad[:, 0] * first_gate[:, 0]
-        return grad_projected.to(projected.dtype), grad_initial, None, None, None, None
+        return grad_projected, grad_initial, None, None, None, None
 
 
 def gated_scan(

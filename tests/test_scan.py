@@ -119,6 +119,26 @@ def test_hand_written_backward_passes_gradcheck(num_gates):
     assert torch.autograd.gradcheck(lambda *x: linear_recurrence_scan(*x, chunk_size=4), (a, b, state))
 
 
+@pytest.mark.parametrize("num_gates", [1, 2], ids=SCAN_TYPES)
+def test_a_bf16_projection_gets_a_bf16_gradient_computed_in_float32(num_gates):
+    """Under bf16 autocast the projection arrives in bf16: the states are float32, and the projection's gradient is
+    bf16, the float32 gradient of the float32 computation rounded once (what autograd through the plain formulas and
+    the sequential loop gives)."""
+    projected, h0, starts, padding = cell_inputs(num_gates, 40, width=16)
+    projected = projected.bfloat16()
+    fast_input, slow_input = projected.clone().requires_grad_(), projected.clone().requires_grad_()
+    fast = gated_scan(fast_input, num_gates, h0, starts, padding, chunk_size=CHUNK)
+    slow = linear_recurrence_reference(*masked_scan_coefficients(slow_input, num_gates, starts, padding), h0)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    weights = torch.randn_like(fast)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    assert fast_input.grad.dtype == torch.bfloat16
+    # Both round the same float32 values to bf16: at most one bf16 step apart (2^-8 relative).
+    torch.testing.assert_close(fast_input.grad.float(), slow_input.grad.float(), atol=1e-6, rtol=2**-8)
+
+
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1, 257])
 def test_the_reverse_scan_equals_the_reference_run_backwards(length, with_state):
