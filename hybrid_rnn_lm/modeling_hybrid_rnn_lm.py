@@ -550,10 +550,11 @@ def _masks_at(document_starts, padding_mask, steps: slice):
 
 class _GatedScan(torch.autograd.Function):
     """A scan cell's gates, masks and scan in one autograd node: from the input projection (B, T, (gates + 1) * H)
-    to every state (B, T, H), float32. The float32 gates and candidate and the states are kept for the backward
-    pass, which writes the projection's gradient, in the projection's dtype, from `_scan_backward`'s dL/da and dL/db
-    and the gates' derivatives, without recomputing or re-widening anything. `masked_scan_coefficients` +
-    `linear_recurrence_reference` differentiated by autograd is the check (tests/test_scan.py)."""
+    to every state (B, T, H), float32. Only the projection and the states are kept; the backward pass recomputes
+    the gates (widening only their part of a bf16 projection) and writes the projection's gradient, in the
+    projection's dtype, each value rounded once, from `_scan_backward`'s dL/da and dL/db and the gates' derivatives.
+    `masked_scan_coefficients` + `linear_recurrence_reference` differentiated by autograd is the check
+    (tests/test_scan.py)."""
 
     @staticmethod
     def forward(ctx, projected, initial_state, document_starts, padding_mask, num_gates, chunk_size):
@@ -561,29 +562,30 @@ class _GatedScan(torch.autograd.Function):
         a, b = _coefficients(gates, candidate)  # fresh tensors
         a, b = _mask_coefficients(a, b, document_starts, padding_mask)
         states = _chunked_scan(a, b, initial_state, chunk_size, inplace=True)
-        ctx.num_gates, ctx.chunk_size, ctx.projected_dtype = num_gates, chunk_size, projected.dtype
-        ctx.save_for_backward(*gates, candidate, states, initial_state, document_starts, padding_mask)
+        ctx.num_gates, ctx.chunk_size = num_gates, chunk_size
+        ctx.save_for_backward(projected, states, initial_state, document_starts, padding_mask)
         return states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states):
-        *gates, candidate, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
+        projected, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
         batch, length, width = states.shape
+        gates = projected[..., : ctx.num_gates * width]
+        gates = _wide(gates).sigmoid_() if gates.dtype in (torch.bfloat16, torch.float16) else gates.sigmoid()
+        candidate = projected[..., ctx.num_gates * width :]  # its own dtype: the operations below widen it on the fly
         if ctx.num_gates == 1:
-            (update,) = gates
+            update = gates
             a = 1.0 - update
         else:
-            forget, write = gates
+            forget, write = gates.chunk(2, dim=-1)
             total = forget + write
             a = forget / total
         # d_t, the gradient reaching h_t, through the masked gates (0 at a start, 1 at padding); dL/db_t = d_t and
         # dL/da_t = d_t * h_{t-1}.
         next_masks = _masks_at(document_starts, padding_mask, slice(1, None))
         grad = _gradient_scan(a, grad_states, ctx.chunk_size, *next_masks)
-        grad_projected = torch.empty(
-            (batch, length, (ctx.num_gates + 1) * width), dtype=ctx.projected_dtype, device=states.device
-        )
+        grad_projected = torch.empty(projected.shape, dtype=projected.dtype, device=projected.device)
         # The float32 work space: the projection's gradient itself when it is float32, else one (B, T, H) buffer
         # whose results are rounded once, as they are written.
         wide = grad_projected.dtype == a.dtype
