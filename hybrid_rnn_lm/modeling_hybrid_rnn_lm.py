@@ -503,15 +503,10 @@ def scan_coefficients(projected: torch.Tensor, num_gates: int) -> tuple[torch.Te
     minGRU (one gate):   z = sigmoid(g),                      a = 1 - z,       b = z * h~
     minLSTM (two gates): f = sigmoid(g_f), i = sigmoid(g_i),  a = f / (f + i), b = i / (f + i) * h~
     """
-    *gates, candidate = _gates(projected, num_gates)
-    return _coefficients(gates, candidate)
-
-
-def _coefficients(gates, candidate) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(gates) == 1:
-        (update,) = gates
+    if num_gates == 1:
+        update, candidate = _gates(projected, num_gates)
         return 1.0 - update, update * candidate
-    forget, write = gates
+    forget, write, candidate = _gates(projected, num_gates)
     total = forget + write
     return forget / total, write / total * candidate
 
@@ -525,10 +520,7 @@ def _gates(projected: torch.Tensor, num_gates: int) -> tuple[torch.Tensor, ...]:
 def masked_scan_coefficients(projected, num_gates, document_starts=None, padding_mask=None):
     """`scan_coefficients` with the masks applied: a = 0 at a document start (the state restarts from zero); a = 1,
     b = 0 at a padded position (the state passes unchanged)."""
-    return _mask_coefficients(*scan_coefficients(projected, num_gates), document_starts, padding_mask)
-
-
-def _mask_coefficients(a, b, document_starts, padding_mask):
+    a, b = scan_coefficients(projected, num_gates)
     a = _mask_gates(a, document_starts, padding_mask)
     if padding_mask is not None:
         b = b.masked_fill(~padding_mask[..., None], 0.0)
@@ -558,9 +550,7 @@ class _GatedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, projected, initial_state, document_starts, padding_mask, num_gates, chunk_size):
-        *gates, candidate = _gates(projected, num_gates)
-        a, b = _coefficients(gates, candidate)  # fresh tensors
-        a, b = _mask_coefficients(a, b, document_starts, padding_mask)
+        a, b = masked_scan_coefficients(projected, num_gates, document_starts, padding_mask)  # fresh tensors
         states = _chunked_scan(a, b, initial_state, chunk_size, inplace=True)
         ctx.num_gates, ctx.chunk_size = num_gates, chunk_size
         ctx.save_for_backward(projected, states, initial_state, document_starts, padding_mask)
@@ -570,7 +560,7 @@ class _GatedScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states):
         projected, states, initial_state, document_starts, padding_mask = ctx.saved_tensors
-        batch, length, width = states.shape
+        width = states.shape[-1]
         gates = projected[..., : ctx.num_gates * width]
         gates = _wide(gates).sigmoid_() if gates.dtype in (torch.bfloat16, torch.float16) else gates.sigmoid()
         candidate = projected[..., ctx.num_gates * width :]  # its own dtype: the operations below widen it on the fly

@@ -122,11 +122,11 @@ def test_hand_written_backward_passes_gradcheck(num_gates):
 @pytest.mark.parametrize("num_gates", [1, 2], ids=SCAN_TYPES)
 def test_a_bf16_projection_gets_a_bf16_gradient_computed_in_float32(num_gates):
     """Under bf16 autocast the projection arrives in bf16: the states are float32, and the projection's gradient is
-    bf16, the float32 gradient of the float32 computation rounded once (what autograd through the plain formulas and
-    the sequential loop gives)."""
+    bf16, the gradient of the float32 computation rounded once. The check: autograd through the plain formulas and
+    the sequential loop from a float32 copy of the same values, its gradient rounded to bf16."""
     projected, h0, starts, padding = cell_inputs(num_gates, 40, width=16)
-    projected = projected.bfloat16()
-    fast_input, slow_input = projected.clone().requires_grad_(), projected.clone().requires_grad_()
+    fast_input = projected.bfloat16().requires_grad_()
+    slow_input = fast_input.detach().float().requires_grad_()
     fast = gated_scan(fast_input, num_gates, h0, starts, padding, chunk_size=CHUNK)
     slow = linear_recurrence_reference(*masked_scan_coefficients(slow_input, num_gates, starts, padding), h0)
     assert fast.dtype == torch.float32
@@ -135,8 +135,12 @@ def test_a_bf16_projection_gets_a_bf16_gradient_computed_in_float32(num_gates):
     (fast * weights).sum().backward()
     (slow * weights).sum().backward()
     assert fast_input.grad.dtype == torch.bfloat16
-    # Both round the same float32 values to bf16: at most one bf16 step apart (2^-8 relative).
-    torch.testing.assert_close(fast_input.grad.float(), slow_input.grad.float(), atol=1e-6, rtol=2**-8)
+    expected = slow_input.grad.bfloat16().float()
+    differ = fast_input.grad.float() != expected
+    # Float32 sums in another order can fall on the other side of a bf16 rounding boundary, rarely: one bf16 step
+    # (at most 2^-7 relative) at under 1% of the values; rounding twice would move far more, and further.
+    assert differ.float().mean().item() < 0.01
+    torch.testing.assert_close(fast_input.grad.float(), expected, atol=1e-6, rtol=2**-7)
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
