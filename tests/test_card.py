@@ -104,7 +104,7 @@ def test_card_body_documents_architecture_training_and_results(folder):
     assert "## Intended use and limitations" in text
     # The trainer's directory layout stays private: only the last two parts of local paths appear.
     assert str(folder.parent) not in text
-    assert "transformers>=5.24,<6" in text and "trust_remote_code=True" in text
+    assert "transformers>=5.25,<6" in text and "trust_remote_code=True" in text
 
 
 def test_cli_renders_the_snippet_for_a_hub_repo_and_keeps_the_chosen_license(folder, capsys):

@@ -5,9 +5,11 @@
         -d '{"model": "runs/shakespeare", "prompt": "ROMEO:", "max_tokens": 40, "temperature": 0.8, "stream": true}'
 
 `transformers serve` builds a model from the class named in config.json's `architectures`, looked up on the
-`transformers` module, so it cannot load a trust_remote_code model such as this package's. This command makes the
-package's classes available there and runs the same server, with the folder preloaded: /v1/completions (streamed or
-not, temperature, top_p, max_tokens, seed, stop), /v1/chat/completions for models with a chat template, /v1/models.
+`transformers` module, in a process of its own, so by itself it loads this package's folders only by running their
+code (`--trust-remote-code`). This command makes the installed package's classes available there, in the server's
+process and in the model's (through its loader), and runs the same server with the folder preloaded: /v1/completions
+(streamed or not, temperature, top_p, max_tokens, seed, stop), /v1/chat/completions for models with a chat template,
+/v1/models.
 Needs the serving extras: pip install 'transformers[serving]'.
 """
 
@@ -51,14 +53,20 @@ class ServedCausalLM:
 
 def make_classes_available() -> list[str]:
     """Registers this package's model classes as attributes of `transformers`, where the server looks them up."""
-    import transformers
+    import sys
+
+    from transformers.cli.serving import model_manager
 
     import hybrid_rnn_lm
 
+    # transformers.processing_utils imports the package a second time when it is first imported, so `transformers` can
+    # be two module objects in one process: the one in sys.modules now and the one the server imported before.
+    modules = {id(module): module for module in (sys.modules["transformers"], model_manager.transformers)}
     names = [name for name in hybrid_rnn_lm.__all__ if name.startswith("HybridRnnLm")]
-    for name in names:
-        setattr(transformers, name, getattr(hybrid_rnn_lm, name))
-    transformers.HybridRnnLmForCausalLM = ServedCausalLM
+    for module in modules.values():
+        for name in names:
+            setattr(module, name, getattr(hybrid_rnn_lm, name))
+        module.HybridRnnLmForCausalLM = ServedCausalLM
     return names
 
 
@@ -74,10 +82,15 @@ def main(argv: list[str]) -> int:
     if not is_serve_available():
         raise UserError("serving needs FastAPI, uvicorn and openai: pip install 'transformers[serving]'")
     make_classes_available()
-    from transformers.cli.serve import Serve
+    from transformers.cli import serve
+    from transformers.cli.serving import model_manager
+
+    from training.serve_loader import HybridLmModelLoader
+
+    model_manager.ModelLoader = HybridLmModelLoader  # what Serve builds its loader from
 
     print(f"serving {folder} on http://{args.host}:{args.port}/v1 (model name: {folder}); Ctrl-C stops", flush=True)
-    Serve(
+    serve.Serve(
         force_model=str(folder),
         host=args.host,
         port=args.port,

@@ -1,0 +1,15 @@
+"""The model loader of `hybrid-lm serve`, in a module of its own: transformers' server loads each model in a fresh
+Python process, which unpickles this loader and so imports this module (and with it the package) before loading."""
+
+from transformers.cli.serving.model_manager import ModelLoader
+
+
+class HybridLmModelLoader(ModelLoader):
+    """transformers serve's loader, which first registers this package's classes in the model's process. The model is
+    then built from the installed package, as in the server's own process: no code from the folder runs."""
+
+    def load_model_and_processor(self, model_id: str, on_progress=None):
+        from training.serve import make_classes_available
+
+        make_classes_available()
+        return super().load_model_and_processor(model_id, on_progress)
