@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import (
     create_bidirectional_mask,
     create_causal_mask,
@@ -1183,6 +1183,20 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """Refuses assisted decoding (an assistant model, prompt lookup, early exit) before any forward pass. It
+        verifies draft tokens, then crops the cache back past the rejected ones, and this model records no recurrent
+        states for such a crop. transformers refused `_is_stateful` models itself up to 5.24; 5.25 crops its
+        linear-attention cache layers from recorded states, a crop that also expects a convolution state, which these
+        layers do not have."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) is not "
+                f"supported with stateful models such as {type(self).__name__}: its recurrent state cannot be taken "
+                "back to before rejected draft tokens; generate without those arguments"
+            )
+        return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # Mamba's old name
