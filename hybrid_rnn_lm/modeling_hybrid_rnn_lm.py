@@ -1185,16 +1185,21 @@ class HybridRnnLmForCausalLM(HybridRnnLmPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
-        """Refuses assisted decoding (an assistant model, prompt lookup, early exit) before any forward pass. It
-        verifies draft tokens, then crops the cache back past the rejected ones, and this model records no recurrent
-        states for such a crop. transformers refused `_is_stateful` models itself up to 5.24; 5.25 crops its
-        linear-attention cache layers from recorded states, a crop that also expects a convolution state, which these
-        layers do not have."""
+        """Refuses assisted decoding (an assistant model, prompt lookup, early exit) before any forward pass, and
+        drafting as another model's assistant before its own first one. Assisted decoding verifies draft tokens, then
+        crops both caches back past the rejected ones, and this model records no recurrent states for such a crop.
+        transformers refused `_is_stateful` models itself up to 5.24; 5.25 crops its linear-attention cache layers
+        from recorded states, a crop that also expects a convolution state, which these layers do not have."""
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
                 "assisted generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) is not "
                 f"supported with stateful models such as {type(self).__name__}: its recurrent state cannot be taken "
                 "back to before rejected draft tokens; generate without those arguments"
+            )
+        if getattr(generation_config, "is_assistant", False):  # drafting for another model, which crops this cache
+            raise ValueError(
+                f"a stateful model such as {type(self).__name__} cannot be the assistant_model of assisted generation: "
+                "its recurrent state cannot be taken back to before rejected draft tokens; use a transformer assistant"
             )
         return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 

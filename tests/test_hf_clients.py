@@ -4,6 +4,7 @@ the up-front refusal of assisted decoding for a stateful model."""
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid_rnn_lm import HybridRnnLmForSequenceClassification, HybridRnnLmModel
 from tests.test_modeling import (
@@ -89,6 +90,12 @@ def test_assisted_decoding_is_refused_before_any_work():
     with pytest.raises(ValueError, match="stateful"):
         model.generate(random_ids(1, 4), prompt_lookup_num_tokens=2, max_new_tokens=4, do_sample=False)
     assert calls == []  # refused up front (transformers itself refused `_is_stateful` models before 5.25)
+
+    # Nor can it draft for a transformer: the assistant's cache is cropped too.
+    target = GPT2LMHeadModel(GPT2Config(vocab_size=model.config.vocab_size, n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(ValueError, match="cannot be the assistant_model") as error:
+        target.generate(random_ids(1, 4), assistant_model=model, max_new_tokens=4, do_sample=False)
+    assert "\n" not in str(error.value) and calls == []
 
 
 @pytest.mark.parametrize(
