@@ -1,5 +1,6 @@
 """The model loader of `hybrid-lm serve`, in a module of its own: transformers' server loads each model in a fresh
-Python process, which unpickles this loader and so imports this module (and with it the package) before loading."""
+Python process, which unpickles this loader and so imports this module; the loader registers the package there before
+it loads anything."""
 
 from transformers.cli.serving.model_manager import ModelLoader
 
