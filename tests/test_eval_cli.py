@@ -106,6 +106,7 @@ def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):
         ),
         (["--dataset", "{corpus}", "--block-size", "5000"], "block_size 5000 is larger than the validation split"),
         (["--dataset", "python-docs", "--output", "{missing}/e.json"], "its folder does not exist"),
+        (["--dataset", "{corpus}", "--block-size", "1"], "--block-size 1 leaves nothing to predict"),
         (["--dataset", "{corpus}", "--stride", "0"], "--stride must be a positive integer, got 0"),
         (
             ["--dataset", "{corpus}", "--block-size", "16", "--stride", "16"],
@@ -113,7 +114,15 @@ def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):
             "tokens would never be scored; use --stride <= 15",
         ),
     ],
-    ids=["no-dataset", "unknown-split", "block-too-large", "output-folder-missing", "stride-0", "stride-too-large"],
+    ids=[
+        "no-dataset",
+        "unknown-split",
+        "block-too-large",
+        "output-folder-missing",
+        "block-size-1",
+        "stride-0",
+        "stride-too-large",
+    ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     model_dir = save_tiny_model(tmp_path / "model")

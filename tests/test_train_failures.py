@@ -93,6 +93,7 @@ BAD_ARGUMENTS = {
     "unknown-flag": (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
     "not-a-number": (["--max-steps", "many"], "invalid int value: 'many'"),
     "bad-choice": (["--rnn-type", "transformer"], "invalid choice: 'transformer'"),
+    "block-size-1": (["--block-size", "1"], "--block-size 1 leaves nothing to predict"),
     "steps-and-epochs": (["--max-steps", "5", "--epochs", "1"], "pass only one of them"),
     "heads-do-not-divide": (["--hidden-size", "32", "--num-attention-heads", "3"], "does not divide --hidden-size 32"),
     "attention-layer-out-of-range": (["--attention-layers", "0,9"], "out of range"),

@@ -94,7 +94,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self)
         # One spelling per layout (YAML may hold an int or a list), so that equal runs have equal arguments.
         self.attention_layers = format_attention_layers(parse_attention_layers(str(self.attention_layers)))
         _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -155,9 +155,11 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self)
         _check_positive(self, "block_size", "num_proc", "min_frequency")
         _check_positive(self, "vocab_size", allow_none=True)
+        if self.block_size < 2:
+            raise UserError(BLOCK_SIZE_ONE)
         if not 0.0 < self.validation_fraction < 1.0:
             raise UserError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}; pick e.g. 0.1")
 
@@ -224,9 +226,8 @@ class TrainArguments:
     sample_tokens: int = arg(200, "tokens of the text sample generated at the end; 0 = no sample")
 
     def __post_init__(self):
-        _check_types(self)
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}; pick e.g. 1337")
+        check_types(self)
+        check_seed(self.seed)
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "eval_steps", "log_steps")
         _check_positive(self, "checkpoint_limit")
         _check_positive(self, "max_steps", "epochs", "early_stopping_patience", "max_train_minutes", allow_none=True)
@@ -384,12 +385,20 @@ def _allowed_types(annotation) -> tuple:
         return tuple({type(choice) for choice in typing.get_args(annotation)})
     if origin in (typing.Union, types.UnionType):
         return sum((_allowed_types(arg) for arg in typing.get_args(annotation)), ())
+    if origin is not None:  # list[str] -> list: the items come from argparse or YAML as given
+        return (origin,)
     if annotation is float:
         return (float, int)
     return (annotation,)
 
 
-def _check_types(instance) -> None:
+def check_seed(seed: int | None) -> None:
+    """torch, numpy and Python's random (all seeded by transformers' set_seed) take seeds in [0, 2**32)."""
+    if seed is not None and not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {seed}; pick e.g. 1337")
+
+
+def check_types(instance) -> None:
     """YAML and Python callers bypass argparse's conversions: reject a value of the wrong type with one line."""
     hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
@@ -405,6 +414,13 @@ def _check_types(instance) -> None:
         if typing.get_origin(hints[f.name]) is Literal and value not in typing.get_args(hints[f.name]):
             choices = ", ".join(map(str, typing.get_args(hints[f.name])))
             raise UserError(f"option {f.name} must be one of {choices}, got {value!r}")
+
+
+# Labels are the inputs shifted inside each block: a block's first token is never predicted.
+BLOCK_SIZE_ONE = (
+    "--block-size 1 leaves nothing to predict: labels are the block shifted by one token, so a 1-token block has "
+    "no target; use --block-size >= 2 (e.g. 128)"
+)
 
 
 def _check_positive(instance, *names: str, allow_none: bool = False) -> None:

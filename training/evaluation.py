@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.arguments import arg
+from training.arguments import BLOCK_SIZE_ONE, arg, check_types
 from training.errors import UserError
 from training.generate import load_model_and_tokenizer, parse_command
 
@@ -68,12 +68,15 @@ class EvalArguments:
     )
 
     def __post_init__(self):
+        check_types(self)
         if self.split not in SPLITS:
             raise UserError(f"--split {self.split!r} is not known; choose one of: {', '.join(SPLITS)}")
         for name in ("block_size", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.block_size == 1:
+            raise UserError(BLOCK_SIZE_ONE)
         if self.stride is not None and self.stride < 1:
             raise UserError(f"--stride must be a positive integer, got {self.stride}")
         if self.max_batches is not None and self.max_batches < 0:
