@@ -187,6 +187,27 @@ def test_bad_input_is_one_line_error_and_writes_nothing(data, tmp_path, capsys, 
     assert not output_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "nan"], "option epochs must be a finite number, got nan"),
+        (["--learning-rate", "inf"], "option learning_rate must be a finite number, got inf"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
+    ],
+    ids=["epochs-nan", "learning-rate-inf", "negative-seed", "seed-too-large"],
+)
+def test_bad_training_options_are_one_line_errors_before_anything_loads(tmp_path, capsys, flags, message):
+    model_dir = save_tiny_model(tmp_path / "model")
+    train = write_csv(tmp_path / "train.csv", reviews(30, seed=3))
+    output_dir = tmp_path / "out"
+    argv = ["finetune-classify", "--model", str(model_dir), "--train", str(train), "--output-dir", str(output_dir)]
+    code, _, err = run_cli(capsys, *argv, *flags)
+    assert code == 2
+    assert message in error_line(err)
+    assert not output_dir.exists()
+
+
 def test_accuracy_metric_loads_by_path_and_counts_correctly():
     metric = evaluate.load(str(METRIC_PATH))
     assert metric.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0]) == {"accuracy": 0.75}

@@ -163,10 +163,21 @@ def test_pipeline_with_trust_remote_code_without_the_package(model_dir, tmp_path
         (["--prompt", "x", "--greedy", "--num-samples", "2"], "--greedy gives one text per prompt"),
         (["--prompt", "x", "--temperature", "0"], "--temperature must be > 0"),
         (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--temperature", "nan"], "option temperature must be a finite number, got nan"),
+        (["--prompt", "x", "--seed", "-5"], "--seed must be in [0, 2**32), got -5"),
         (["--prompt", "x", "--max-tokens", "3"], "unrecognized arguments: --max-tokens 3"),
         (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist"),
     ],
-    ids=["both-prompts", "greedy-samples", "temperature", "top-p", "unknown-flag", "missing-prompt-file"],
+    ids=[
+        "both-prompts",
+        "greedy-samples",
+        "temperature",
+        "top-p",
+        "temperature-nan",
+        "negative-seed",
+        "unknown-flag",
+        "missing-prompt-file",
+    ],
 )
 def test_bad_input_is_one_line_error(model_dir, capsys, argv, message):
     code, out, err = run_cli(capsys, "generate", "--model", str(model_dir), *argv)

@@ -122,3 +122,17 @@ def test_a_folder_that_is_not_a_model_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "serve", str(tmp_path / "missing"))
     assert code == 2
     assert "missing" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+    ],
+    ids=["negative-seed", "port-out-of-range"],
+)
+def test_bad_options_are_one_line_before_the_model_loads(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(capsys, "serve", str(tmp_path / "missing"), *flags)
+    assert code == 2
+    assert message in error_line(err)

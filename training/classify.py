@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from training.arguments import arg
+from training.arguments import arg, check_seed, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, check_tokenizer_fits, parse_command
 
@@ -54,6 +54,8 @@ class ClassifyArguments:
     overwrite_output_dir: bool = arg(False, "replace an existing --output-dir")
 
     def __post_init__(self):
+        check_types(self)
+        check_seed(self.seed)
         if self.epochs <= 0:
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if self.learning_rate <= 0:

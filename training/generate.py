@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TextStreamer, set_seed
 from transformers import logging as transformers_logging
 
-from training.arguments import CommandParser, arg
+from training.arguments import CommandParser, arg, check_seed, check_types
 from training.errors import UserError
 from training.model_files import check_safetensors, weight_files
 from training.tokenization import build_tokenizer
@@ -160,6 +160,8 @@ class GenerateArguments:
     batch_size: int = arg(16, "prompts per batch with --prompt-file")
 
     def __post_init__(self):
+        check_types(self)
+        check_seed(self.seed)
         if (self.prompt is None) == (self.prompt_file is None):
             raise UserError("give exactly one of --prompt TEXT or --prompt-file FILE")
         for name in ("max_new_tokens", "num_samples", "batch_size"):

@@ -23,7 +23,7 @@ import matplotlib
 import torch
 from transformers import AutoConfig, AutoModel
 
-from training.arguments import arg
+from training.arguments import arg, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, load_model_and_tokenizer, parse_command
 
@@ -56,6 +56,7 @@ class InspectArguments:
     )
 
     def __post_init__(self):
+        check_types(self)
         if (self.text is None) == (self.text_file is None):
             raise UserError("give exactly one of --text TEXT or --text-file FILE")
         if self.max_tokens < 2:

@@ -15,7 +15,7 @@ Needs the serving extras: pip install 'transformers[serving]'.
 
 from dataclasses import dataclass
 
-from training.arguments import arg
+from training.arguments import arg, check_seed, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, parse_command
 
@@ -33,6 +33,8 @@ class ServeArguments:
     seed: int | None = arg(None, "default torch seed of sampled completions (a request's own seed wins)")
 
     def __post_init__(self):
+        check_types(self)
+        check_seed(self.seed)
         if not 0 <= self.port < 65536:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
 
