@@ -110,6 +110,7 @@ BAD_ARGUMENTS = {
         ["--hidden-size", "65536", "--intermediate-size", "262144", "--num-hidden-layers", "4"],
         "parameters, whose training state needs about 4673.3 GB, more than the",
     ),
+    "negative-weight-decay": (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
     "learning-rate-nan": (["--learning-rate", "nan"], "option learning_rate must be a finite number, got nan"),
     "time-budget-inf": (["--max-train-minutes", "inf"], "option max_train_minutes must be a finite number, got inf"),
     "seed-out-of-range": (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),

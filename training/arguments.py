@@ -238,6 +238,7 @@ class TrainArguments:
             "sample_tokens",
             "max_grad_norm",
             "num_threads",
+            "weight_decay",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
