@@ -104,6 +104,28 @@ def test_a_streamed_completion_sends_the_same_text_in_pieces(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_an_empty_prompt_starts_a_new_document(server):
+    """As in the OpenAI API and `hybrid-lm generate --prompt ""`: the text continues from one EOS token, what precedes
+    every training document, and that token is neither returned nor counted as the prompt."""
+    base, folder, _ = server
+    model, tokenizer = load_model_and_tokenizer(folder)
+    with torch.no_grad():
+        output = model.generate(torch.tensor([[tokenizer.eos_token_id]]), max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(output[0, 1:], skip_special_tokens=True)
+    for prompt in ({"prompt": ""}, {}):  # empty, and left out
+        reply = json.loads(
+            post(f"{base}/completions", {"model": str(folder), "max_tokens": 12, "temperature": 0, **prompt})
+        )
+        assert reply["choices"][0]["text"] == expected
+        new_tokens = output.shape[1] - 1
+        assert reply["usage"] == {"prompt_tokens": 0, "completion_tokens": new_tokens, "total_tokens": new_tokens}
+    body = {"model": str(folder), "prompt": "", "max_tokens": 12, "temperature": 0, "stream": True}
+    lines = post(f"{base}/completions", body).decode().splitlines()
+    events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(event) for event in events if event.strip() != "[DONE]"]
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == expected
+
+
 def test_sampling_parameters_are_honoured(server):
     base, folder, _ = server
 

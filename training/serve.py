@@ -42,15 +42,39 @@ class ServeArguments:
 class ServedCausalLM:
     """What the server finds under the causal LM's class name: the model, set to sample as the OpenAI API does (at the
     request's temperature, 1 by default; temperature 0 is greedy). A saved generation_config keeps do_sample off, and
-    the server only ever switches sampling off, so without this every completion would be greedy."""
+    the server only ever switches sampling off, so without this every completion would be greedy. An empty prompt
+    starts a new document, as in the OpenAI API and `hybrid-lm generate` (see `served_model_class`)."""
 
     @staticmethod
     def from_pretrained(*args, **kwargs):
-        from hybrid_rnn_lm import HybridRnnLmForCausalLM
-
-        model = HybridRnnLmForCausalLM.from_pretrained(*args, **kwargs)
+        model = served_model_class().from_pretrained(*args, **kwargs)
         model.generation_config.do_sample = True
         return model
+
+
+def served_model_class() -> type:
+    """The causal LM whose `generate` reads an empty prompt as the start of a new document: it continues from one EOS
+    token (what precedes every document in training) and returns the new tokens alone, so the server's prompt length
+    (0) and its streamer (which skips the first tokens it is given, the prompt) see the same thing as for any other
+    prompt. A model without an EOS token keeps the model's own error for empty input."""
+    import torch
+
+    from hybrid_rnn_lm import HybridRnnLmForCausalLM
+
+    class HybridRnnLmServedForCausalLM(HybridRnnLmForCausalLM):
+        def generate(self, input_ids=None, attention_mask=None, **kwargs):
+            eos = self.generation_config.eos_token_id
+            eos = eos[0] if isinstance(eos, list) and eos else eos
+            if input_ids is None or input_ids.shape[-1] > 0 or not isinstance(eos, int):
+                return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            start = input_ids.new_full((input_ids.shape[0], 1), eos)
+            output = super().generate(input_ids=start, attention_mask=torch.ones_like(start), **kwargs)
+            if isinstance(output, torch.Tensor):
+                return output[:, 1:]
+            output.sequences = output.sequences[:, 1:]
+            return output
+
+    return HybridRnnLmServedForCausalLM
 
 
 def make_classes_available() -> list[str]:
