@@ -13,6 +13,7 @@ process and in the model's (through its loader), and runs the same server with t
 Needs the serving extras: pip install 'transformers[serving]'.
 """
 
+import functools
 from dataclasses import dataclass
 
 from training.arguments import arg, check_seed, check_types
@@ -52,6 +53,7 @@ class ServedCausalLM:
         return model
 
 
+@functools.cache
 def served_model_class() -> type:
     """The causal LM whose `generate` reads an empty prompt as the start of a new document: it continues from one EOS
     token (what precedes every document in training) and returns the new tokens alone, so the server's prompt length
