@@ -136,6 +136,30 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("{model}", "--output {model} is a folder; pass a file path such as {model}/eval.json"),
+        ("{model}/config.json", "would replace the evaluated model's own config.json; pick another file"),
+        ("{model}/model.safetensors", "would replace the evaluated model's own model.safetensors"),
+    ],
+    ids=["folder", "model-config", "model-weights"],
+)
+def test_an_output_that_would_lose_the_results_or_the_model_is_refused_before_evaluating(
+    tmp_path, capsys, output, message
+):
+    model_dir = save_tiny_model(tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in model_dir.iterdir()}
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("Speak, speak.\n" * 40)
+    output = output.format(model=model_dir)
+    code, out, err = run_cli(capsys, "eval", "--model", str(model_dir), "--dataset", str(corpus), "--output", output)
+    assert code == 2
+    assert message.format(model=model_dir) in error_line(err)
+    assert "perplexity" not in out  # refused before evaluating
+    assert {path.name: path.read_bytes() for path in model_dir.iterdir()} == before
+
+
 @pytest.mark.parametrize(("count", "block", "stride"), [(50, 8, 3), (50, 8, 7), (50, 8, 1), (42, 8, 2), (5, 8, 4)])
 def test_sliding_windows_score_every_token_once_with_at_least_block_minus_stride_context(count, block, stride):
     from training.streams import sliding_layout
