@@ -208,6 +208,43 @@ def test_bad_training_options_are_one_line_errors_before_anything_loads(tmp_path
     assert not output_dir.exists()
 
 
+def test_overwrite_replaces_a_classifier_but_never_the_model_or_files_it_did_not_write(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "runs" / "model")
+    train = write_csv(tmp_path / "train.csv", reviews(30, seed=3))
+
+    def finetune(output_dir: Path, model: Path = model_dir) -> tuple[int, str]:
+        argv = ["finetune-classify", "--model", str(model), "--train", str(train), "--output-dir", str(output_dir)]
+        code, _, err = run_cli(capsys, *argv, "--epochs", "1", "--overwrite-output-dir")
+        return code, err
+
+    def contents(folder: Path) -> dict[str, bytes]:
+        return {str(path): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+    before = contents(tmp_path / "runs")
+    for output_dir in (model_dir, tmp_path / "runs"):  # the model itself, and a folder above it
+        code, err = finetune(output_dir)
+        assert code == 2
+        assert error_line(err) == (
+            f"error: --output-dir {output_dir} holds the model being fine-tuned ({model_dir}), which replacing it "
+            "would delete; choose another --output-dir"
+        )
+    assert contents(tmp_path / "runs") == before
+
+    foreign = tmp_path / "out" / "notes.txt"
+    foreign.parent.mkdir()
+    foreign.write_text("mine")
+    code, err = finetune(foreign.parent)
+    assert code == 2
+    assert "also holds files that no hybrid-lm command wrote (notes.txt); nothing was deleted" in error_line(err)
+    assert foreign.read_text() == "mine"
+
+    classifier = tmp_path / "classifier"
+    assert finetune(classifier)[0] == 0
+    first = contents(classifier)
+    assert finetune(classifier)[0] == 0  # a previous classifier is replaced
+    assert contents(classifier).keys() == first.keys()
+
+
 def test_accuracy_metric_loads_by_path_and_counts_correctly():
     metric = evaluate.load(str(METRIC_PATH))
     assert metric.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0]) == {"accuracy": 0.75}

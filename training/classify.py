@@ -235,11 +235,32 @@ def checkpoint_file(folder: Path, tensor_name: str) -> Path:
 
 
 def prepare_output_dir(args: ClassifyArguments) -> Path:
+    """The output folder, checked before any training: the classifier replaces it whole at the end, so it may hold
+    nothing but what this command or a training run writes, and never the model being fine-tuned."""
+    from training.train import output_dir_contents
+
     output_dir = Path(args.output_dir).expanduser()
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+    model = Path(args.model).expanduser().resolve()
+    if output_dir.resolve() == model or output_dir.resolve() in model.parents:
         raise UserError(
-            f"{output_dir} already exists and is not empty; choose another --output-dir or pass --overwrite-output-dir"
+            f"--output-dir {output_dir} holds the model being fine-tuned ({args.model}), which replacing it would "
+            "delete; choose another --output-dir"
         )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not args.overwrite_output_dir:
+            raise UserError(
+                f"{output_dir} already exists and is not empty; choose another --output-dir or pass "
+                "--overwrite-output-dir"
+            )
+        others = output_dir_contents(output_dir)[1]
+        if others:
+            shown = ", ".join(sorted(path.name for path in others)[:5]) + (", ..." if len(others) > 5 else "")
+            raise UserError(
+                f"--overwrite-output-dir: {output_dir} also holds files that no hybrid-lm command wrote ({shown}); "
+                "nothing was deleted: move them away or choose another --output-dir"
+            )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return output_dir
 

@@ -487,7 +487,7 @@ def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
     blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise UserError(f"--output-dir {output_dir}: {blocking} is a file, not a folder; choose another --output-dir")
-    ours, others = _output_dir_contents(output_dir)
+    ours, others = output_dir_contents(output_dir)
     has_run = any(path.name in (*RUN_FILES, "checkpoints") for path in ours)
     if has_run and not args.overwrite_output_dir:
         raise UserError(
@@ -552,7 +552,7 @@ def check_resume_options(output_dir: Path, model_args, data_args, train_args) ->
     return changes
 
 
-def _output_dir_contents(output_dir: Path) -> tuple[list[Path], list[Path]]:
+def output_dir_contents(output_dir: Path) -> tuple[list[Path], list[Path]]:
     """(what a run of ours wrote, everything else) in the folder."""
     if not output_dir.is_dir():
         return [], []
@@ -569,7 +569,7 @@ def create_output_dir(accelerator: Accelerator, output_dir: Path, args: TrainArg
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for path in _output_dir_contents(output_dir)[0]:
+            for path in output_dir_contents(output_dir)[0]:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
