@@ -86,6 +86,11 @@ def _decode(raw: bytes, name: str, number: int) -> str:
 
 
 def _check_dimension(found: int, dimension: int, name: str, number: int) -> None:
+    if found < 1:
+        raise UserError(
+            f"--init-embeddings {name} line {number}: no numbers after the first word, so this is not a word2vec or "
+            "GloVe text file (each line: a word, then the numbers of its vector); pass such a file"
+        )
     if found != dimension:
         raise UserError(
             f"--init-embeddings {name} line {number}: the vectors have {found} dimensions but the model's embeddings "
