@@ -167,6 +167,7 @@ def test_pipeline_with_trust_remote_code_without_the_package(model_dir, tmp_path
         (["--prompt", "x", "--seed", "-5"], "--seed must be in [0, 2**32), got -5"),
         (["--prompt", "x", "--max-tokens", "3"], "unrecognized arguments: --max-tokens 3"),
         (["--prompt-file", "missing.txt"], "--prompt-file missing.txt does not exist"),
+        (["--prompt-file", "."], "--prompt-file . is a folder: give a text file with one prompt per line"),
     ],
     ids=[
         "both-prompts",
@@ -177,6 +178,7 @@ def test_pipeline_with_trust_remote_code_without_the_package(model_dir, tmp_path
         "negative-seed",
         "unknown-flag",
         "missing-prompt-file",
+        "prompt-file-is-a-folder",
     ],
 )
 def test_bad_input_is_one_line_error(model_dir, capsys, argv, message):

@@ -121,8 +121,9 @@ def test_a_pure_recurrent_model_has_no_attention_figure(tmp_path, capsys):
         (["--text", ""], "the text is empty after tokenization"),
         (["--text", "x", "--text-file", "t.txt"], "give exactly one of --text TEXT or --text-file FILE"),
         (["--text-file", "missing.txt"], "--text-file missing.txt does not exist"),
+        (["--text-file", "."], "--text-file . is a folder: give the path of a text file"),
     ],
-    ids=["empty-text", "two-texts", "missing-file"],
+    ids=["empty-text", "two-texts", "missing-file", "file-is-a-folder"],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     model_dir = save_tiny_model(tmp_path / "model")

@@ -259,7 +259,8 @@ def generate_batch(model, tokenizer, prompts: list[str], args: GenerateArguments
 def read_prompts(path: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"--prompt-file {path} does not exist: give a text file with one prompt per line")
+        problem = "is a folder" if file.is_dir() else "does not exist"
+        raise UserError(f"--prompt-file {path} {problem}: give a text file with one prompt per line")
     from training.data import check_utf8
 
     check_utf8(file)  # the byte offset of the first invalid byte, not a UnicodeDecodeError traceback

@@ -422,7 +422,8 @@ def main(argv: list[str]) -> int:
     if args.text_file is not None:
         path = Path(args.text_file).expanduser()
         if not path.is_file():
-            raise UserError(f"--text-file {args.text_file} does not exist: give the path of a text file")
+            problem = "is a folder" if path.is_dir() else "does not exist"
+            raise UserError(f"--text-file {args.text_file} {problem}: give the path of a text file")
         text = path.read_text(encoding="utf-8")
     model, tokenizer = load_base_model(args.model)
     output_dir = Path(args.output_dir).expanduser()
