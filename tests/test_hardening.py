@@ -395,7 +395,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_files
     assert code == 1
     [line] = [line for line in err.splitlines() if line.startswith("error")]  # on its own line, after the bar
     assert line.startswith(
-        f"error: cannot write {folder / 'checkpoints' / '.tmp-checkpoint-4'}: no space left on device"
+        f"error: cannot write {folder / 'checkpoints' / '.tmp-checkpoint-4'}: no space left on device; free space "
+        "or pick a path on another disk"
     )
     assert "Traceback" not in err
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
@@ -410,5 +411,7 @@ def test_a_cache_dir_below_a_file_is_one_line_and_writes_nothing(tmp_path, capsy
     code, err = run_cli(capsys, "train", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir))
     assert code == 1 and "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.startswith("error")]
-    assert line.startswith(f"error: cannot write {cache_dir}: not a directory; free space or pick a writable path")
+    assert line.startswith(
+        f"error: cannot write {cache_dir}: not a directory; a file stands where a folder should be: pick another path"
+    )
     assert snapshot(tmp_path) == before

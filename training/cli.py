@@ -11,15 +11,16 @@ import os
 import sys
 
 # Errors of the file system rather than of the program: one line naming the path and the cause, no traceback.
+# Each with the fix it calls for.
 WRITE_ERRNOS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EACCES,
-    errno.EPERM,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.EEXIST,
+    errno.ENOSPC: "free space or pick a path on another disk",
+    errno.EDQUOT: "free space or pick a path on another disk",
+    errno.EROFS: "pick a writable path",
+    errno.EACCES: "pick a writable path",
+    errno.EPERM: "pick a writable path",
+    errno.ENOTDIR: "a file stands where a folder should be: pick another path",
+    errno.EISDIR: "a folder stands where a file should be: pick another path",
+    errno.EEXIST: "a file stands where a folder should be: pick another path",
 }
 
 SUBCOMMANDS = {
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         path = error.filename if error.filename is not None else "a file"
         print(
-            f"error: cannot write {path}: {error.strerror.lower()}; free space or pick a writable path (files "
-            "written before, earlier checkpoints and the best model included, are complete)",
+            f"error: cannot write {path}: {error.strerror.lower()}; {WRITE_ERRNOS[error.errno]} (files written "
+            "before, earlier checkpoints and the best model included, are complete)",
             file=sys.stderr,
         )
         return 1
