@@ -273,15 +273,14 @@ def write_json_atomically(path: str | Path, data: dict) -> None:
 def check_output(path: str, model_folder: str) -> None:
     """Checked before the evaluation runs: results written to a folder, to a missing folder or over a file of the
     evaluated model (its config.json, weights, tokenizer or run records) would be lost, or lose the model."""
-    from training.train import RUN_OUTPUT_PATTERNS, RUN_OUTPUTS
+    from training.train import is_run_output
 
     target = Path(path).expanduser()
     if target.is_dir():
         raise UserError(f"--output {path} is a folder; pass a file path such as {target / 'eval.json'}")
     if not target.parent.is_dir():
         raise UserError(f"--output {path}: its folder does not exist; create it or pick another path")
-    owned = target.name in RUN_OUTPUTS or any(target.match(pattern) for pattern in RUN_OUTPUT_PATTERNS)
-    if owned and target.parent.resolve() == Path(model_folder).expanduser().resolve():
+    if is_run_output(target) and target.parent.resolve() == Path(model_folder).expanduser().resolve():
         raise UserError(
             f"--output {path} would replace the evaluated model's own {target.name}; pick another file, e.g. "
             f"{target.parent / 'eval.json'}"

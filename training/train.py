@@ -552,14 +552,18 @@ def check_resume_options(output_dir: Path, model_args, data_args, train_args) ->
     return changes
 
 
+def is_run_output(path: Path) -> bool:
+    """Whether a training run (or a command writing a model folder) writes a file or folder of this name."""
+    return path.name in RUN_OUTPUTS or any(path.match(pattern) for pattern in RUN_OUTPUT_PATTERNS)
+
+
 def output_dir_contents(output_dir: Path) -> tuple[list[Path], list[Path]]:
     """(what a run of ours wrote, everything else) in the folder."""
     if not output_dir.is_dir():
         return [], []
     ours, others = [], []
     for path in output_dir.iterdir():
-        mine = path.name in RUN_OUTPUTS or any(path.match(pattern) for pattern in RUN_OUTPUT_PATTERNS)
-        (ours if mine else others).append(path)
+        (ours if is_run_output(path) else others).append(path)
     return ours, others
 
 
