@@ -426,3 +426,39 @@ def test_a_train_loss_line_is_the_mean_of_the_steps_since_the_previous_line(tmp_
     for row in windows:
         expected = sum(step_losses[s] for s in range(row["step"] - 2, row["step"] + 1)) / 3
         assert row["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_test_text_is_scored_whole_by_the_saved_model(tmp_path):
+    from training.data import load_whole_text
+    from training.train import tokenize_test_text
+
+    corpus = real_text_file(tmp_path, 60_000)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(corpus.read_text()[-6_000:].upper() + "\nA line of its own.\n")
+    output_dir = tmp_path / "out"
+    options = tiny_options(output_dir, dataset=str(corpus), max_steps=6, test_dataset=str(held_out))
+    test = run_training(*arguments_from_dict(options))["test"]
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    blocks = tokenize_test_text(load_whole_text(str(held_out)), tokenizer, TINY["block_size"])["test"]
+    ids = torch.tensor(blocks["input_ids"], dtype=torch.long)
+    with torch.no_grad():  # the mean over every predicted token of every block, one block at a time
+        losses = [model(input_ids=row[None], labels=row[None]).loss for row in ids]
+    assert test["dataset"] == "held_out.txt"
+    assert test["tokens_evaluated"] == len(ids) * (TINY["block_size"] - 1)
+    assert test["loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+
+
+def test_a_test_text_shorter_than_a_block_is_refused_before_training(tmp_path, capsys):
+    from tests.test_generate_cli import error_line, run_cli
+
+    corpus = real_text_file(tmp_path, 30_000)
+    (tmp_path / "short.txt").write_text("Too short.\n")
+    output_dir = tmp_path / "out"
+    options = tiny_options(output_dir, dataset=str(corpus), max_steps=2, test_dataset=str(tmp_path / "short.txt"))
+    code, out, err = run_cli(capsys, "train", *as_flags(options))
+    assert code == 2
+    assert "block_size 32 is larger than the test split, which has" in error_line(err)
+    assert error_line(err).endswith("or more data (a longer text)")
+    assert not output_dir.exists()  # nothing trained, nothing written

@@ -200,11 +200,14 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
     resume_from = check_output_dir(output_dir, train_args)
     resume_changes = check_resume_options(output_dir, model_args, data_args, train_args) if resume_from else {}
     set_seed(train_args.seed)
+    test_text = None
     if data_args.test_dataset is not None:  # read now, so that a bad path fails before anything is written
         from training.data import load_whole_text
 
-        load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
+        test_text = load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
     tokenizer, tokenized = prepare_data(accelerator, data_args, model_args, train_args, resume_from)
+    # Its blocks too, before training: a text shorter than one block fails here, not after the last step.
+    test_blocks = None if test_text is None else tokenize_test_text(test_text, tokenizer, data_args.block_size)
     train_dataloader, val_dataloader = build_dataloaders(tokenized, train_args, accelerator.num_processes)
     model = build_model(model_args, tokenizer, data_args.block_size)
     init_embeddings = prepare_embeddings(model, tokenizer, model_args)
@@ -380,7 +383,9 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
                 metric,
             )
         if data_args.test_dataset is not None:
-            results["test"] = evaluate_test_text(accelerator, output_dir, data_args, train_args, tokenizer, metric)
+            results["test"] = evaluate_test_text(
+                accelerator, output_dir, test_blocks, data_args, train_args, tokenizer, metric
+            )
     if accelerator.is_main_process:  # metrics.jsonl, which the summary reads, is the main process's
         finish_output_folder(output_dir, results, train_args)
     accelerator.wait_for_everyone()
@@ -802,14 +807,19 @@ def evaluate_saved_model(
     }
 
 
-def evaluate_test_text(accelerator, output_dir: Path, data_args: DataArguments, train_args, tokenizer, metric) -> dict:
-    """--test-dataset: the best model on every block of that text (read whole), with its OOV rate."""
+def tokenize_test_text(text, tokenizer, block_size: int):
+    """--test-dataset's text (read whole) cut into blocks, as one "test" split."""
     from datasets import DatasetDict
 
-    from training.data import load_whole_text, tokenize_corpus
+    from training.data import tokenize_corpus
 
-    split = load_whole_text(data_args.test_dataset, text_column=data_args.text_column)
-    tokenized = tokenize_corpus(DatasetDict({"test": split}), tokenizer, data_args.block_size)
+    return tokenize_corpus(DatasetDict({"test": text}), tokenizer, block_size)
+
+
+def evaluate_test_text(
+    accelerator, output_dir: Path, tokenized, data_args: DataArguments, train_args, tokenizer, metric
+) -> dict:
+    """--test-dataset: the best model on every block of that text (`tokenize_test_text`), with its OOV rate."""
     stats = tokenized.stats["test"]
     loader = DataLoader(tokenized["test"], batch_size=train_args.batch_size, collate_fn=_collate)
     scores = evaluate_saved_model(accelerator, output_dir, loader, metric, stats.characters_per_token)
