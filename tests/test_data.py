@@ -297,6 +297,18 @@ def test_missing_path_is_named(tmp_path):
     assert str(caught.value).startswith(f"{missing} does not exist: pass an existing .txt/.jsonl/.parquet file")
 
 
+@pytest.mark.parametrize("name", ["reviews.csv", "notes"])
+def test_a_file_of_another_format_is_named_as_such(tmp_path, name):
+    (tmp_path / name).write_text("text,label\nhello,1\n")
+    with pytest.raises(UserError) as caught:
+        load_corpus(str(tmp_path / name))
+    kind = ".csv" if name.endswith(".csv") else "a file without an extension"
+    assert str(caught.value) == (
+        f"{tmp_path / name}: {kind} is not a corpus format this reads; pass a .txt, .jsonl or .json (with a text "
+        "column) or .parquet file, or convert it to one"
+    )
+
+
 def test_glob_matching_nothing_is_named(tmp_path):
     with pytest.raises(UserError, match=r"no \.txt/\.jsonl/\.parquet files match .*\*\.jsonl"):
         load_corpus(str(tmp_path / "*.jsonl"))

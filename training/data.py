@@ -167,6 +167,11 @@ def _looks_like_path(name: str) -> bool:
 def _expand_files(pattern: str) -> list[Path]:
     matches = sorted(Path(match) for match in glob.glob(os.path.expanduser(pattern), recursive=True))
     files = [match for match in matches if match.is_file() and match.suffix.lower() in FILE_FORMATS]
+    if not files and len(matches) == 1 and matches[0].is_file():  # one named file of another format
+        raise UserError(
+            f"{pattern}: {matches[0].suffix or 'a file without an extension'} is not a corpus format this reads; "
+            "pass a .txt, .jsonl or .json (with a text column) or .parquet file, or convert it to one"
+        )
     if not files:
         raise UserError(
             f"no .txt/.jsonl/.parquet files match {pattern}: check the path or pattern "
