@@ -172,3 +172,55 @@ def test_resume_without_checkpoints_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .*start a new run without --resume-from-checkpoint"):
         run_training(*arguments_from_dict(options))
     assert not (tmp_path / "empty").exists()
+
+
+def flatten_like_cudnn(rnn: torch.nn.RNNBase) -> torch.Tensor:
+    """What `flatten_parameters` does to a GRU / LSTM / RNN on a GPU: every weight becomes a view into one buffer."""
+    weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
+    flat = torch.cat([weight.detach().reshape(-1) for weight in weights])
+    offset = 0
+    for weight in weights:
+        weight.data = flat[offset : offset + weight.numel()].view_as(weight)
+        offset += weight.numel()
+    return flat
+
+
+def test_checkpoint_of_weights_in_one_buffer_loads_back_in_place(tmp_path):
+    """cuDNN keeps a recurrent layer's weights as views into one buffer, which accelerate's own loading (safetensors'
+    load_model) refuses: a run on a GPU could save checkpoints but never resume from them. The trainer's Accelerator
+    loads the model itself, into the parameters where they are."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from hybrid_rnn_lm import HybridRnnLmForCausalLM
+    from tests.test_modeling import tiny_config
+    from training.train import build_accelerator
+
+    def prepared(accelerator):
+        torch.manual_seed(0)
+        model = HybridRnnLmForCausalLM(tiny_config("gru", "every-2nd", num_hidden_layers=2))
+        buffers = [flatten_like_cudnn(layer.rnn.rnn) for layer in model.model.layers]
+        optimizer = torch.optim.AdamW(model.parameters())
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, buffers
+
+    accelerator, _ = build_accelerator(arguments_from_dict(tiny_options(tmp_path / "run"))[2])
+    model, buffers = prepared(accelerator)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    accelerator.load_state(str(tmp_path / "checkpoint"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    rnn = model.model.layers[0].rnn.rnn
+    assert rnn.weight_ih_l0.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
+    assert torch.equal(buffers[0][: rnn.weight_ih_l0.numel()], saved["model.layers.0.rnn.rnn.weight_ih_l0"].view(-1))
+
+    # accelerate alone fails on the same checkpoint: the case above is the one a GPU run meets.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    plain = Accelerator()
+    prepared(plain)
+    with pytest.raises(RuntimeError, match="None is covering the entire storage"):
+        plain.load_state(str(tmp_path / "checkpoint"))

@@ -13,6 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from training.errors import UserError
@@ -101,6 +102,69 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _same_view(a, b) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _exact_aliases(state: dict) -> dict[str, str]:
+    """{name: earlier name} for each tensor that is the very same view as an earlier one (tied weights:
+    lm_head.weight -> model.embed_tokens.weight)."""
+    seen, aliases = {}, {}
+    for name, tensor in state.items():
+        original = next((other for other, kept in seen.items() if _same_view(tensor, kept)), None)
+        if original is None:
+            seen[name] = tensor
+        else:
+            aliases[name] = original
+    return aliases
+
+
+def save_views_apart(models: list, weights: list[dict], output_dir: str) -> None:
+    """accelerate's save_state pre-hook. accelerate keeps one tensor per storage when it writes safetensors, meant
+    for tied weights; but cuDNN keeps a GRU / LSTM / RNN's weights on a GPU (`flatten_parameters`) as views into one
+    buffer, and all but one of them would be left out of the checkpoint. Each such view is saved from a copy of its
+    own; tied weights (the very same view) stay shared with their copy and are written once."""
+    for state in weights:
+        storages = {}
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                storages.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(name)
+        for names in storages.values():
+            if len(names) < 2:
+                continue
+            aliases = _exact_aliases({name: state[name] for name in names})
+            for name in names:
+                if name not in aliases:
+                    state[name] = state[name].clone()
+            for name, original in aliases.items():
+                state[name] = state[original]
+
+
+def load_model_weights(models: list, input_dir: str) -> None:
+    """accelerate's load_state pre-hook: loads each model's `model[_i].safetensors` with `load_state_dict`, which
+    copies into the parameters where they are, and takes the models off accelerate's list. accelerate's own path
+    (safetensors' `load_model`) refuses parameters that are views into one larger storage, as cuDNN's recurrent
+    weights are on a GPU. A name missing from the file must be a tied weight of one that is there; FSDP and DeepSpeed
+    models never reach this list (accelerate loads them its own way)."""
+    from safetensors.torch import load_file
+
+    paths = [Path(input_dir) / f"model{f'_{index}' if index else ''}.safetensors" for index in range(len(models))]
+    if not all(path.is_file() for path in paths):
+        return  # accelerate's .bin files (older checkpoints): its own path, which matches files to models by index
+    for model, path in zip(models, paths):
+        state, live = load_file(path), model.state_dict()
+        tied = {name for name, original in _exact_aliases(live).items() if original in state}
+        missing = set(live) - set(state) - tied
+        unexpected = set(state) - set(live)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path.name} does not hold the model's weights: missing {sorted(missing)}, unexpected "
+                f"{sorted(unexpected)}"
+            )
+        model.load_state_dict(state, strict=False)
+    models.clear()
 
 
 def read_progress(checkpoint: Path) -> dict:

@@ -53,11 +53,13 @@ from training.checkpoints import (
     check_checkpoint_files,
     checkpoint_step,
     list_checkpoints,
+    load_model_weights,
     read_progress,
     remove_checkpoints_after,
     remove_temporary_folders,
     resolve_checkpoint,
     save_checkpoint,
+    save_views_apart,
 )
 from training.errors import UserError
 from training.loop import UNBOUNDED_STEPS, LoopParts, TrainingProgress, evaluate_model, train_loop
@@ -417,6 +419,8 @@ def build_accelerator(args: TrainArguments) -> tuple[Accelerator, Path]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         log_with=trackers,
     )
+    accelerator.register_save_state_pre_hook(save_views_apart)
+    accelerator.register_load_state_pre_hook(load_model_weights)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size > 1 and accelerator.num_processes == 1:
         raise UserError(
