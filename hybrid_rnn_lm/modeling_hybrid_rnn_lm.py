@@ -79,6 +79,17 @@ def _write_recurrent_state(cache: Cache | None, state: torch.Tensor, layer_idx: 
     cache.layers[layer_idx].has_previous_state[0] = True
 
 
+def _cpu_autocast_without_lstm_kernel(hidden_states: torch.Tensor) -> bool:
+    """Whether CPU autocast would send nn.LSTM to oneDNN in a precision it cannot run here: its bf16 / fp16 LSTM needs
+    AVX-512 (or AMX), and on a CPU without it torch fails with "could not create a primitive descriptor"."""
+    if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 class HybridRnnLmRecurrentMixer(nn.Module):
     """A fused single-layer RNN / GRU / LSTM followed by a linear projection back to the residual width.
 
@@ -108,7 +119,21 @@ class HybridRnnLmRecurrentMixer(nn.Module):
         `initial_state` (same layout) is the state before the first token when there is no cache (carried state)."""
         cached = _starting_state(cache, self.layer_idx, initial_state)
         initial_state = None if cached is None else self._to_torch_state(cached)
+        if self.is_lstm and _cpu_autocast_without_lstm_kernel(hidden_states):
+            # oneDNN has no lower-precision LSTM on this CPU (it fails to build one): the cell runs in float32.
+            with torch.autocast("cpu", enabled=False):
+                output, final_state = self._forward_unprojected(
+                    hidden_states.float(), padding_mask, document_starts, initial_state
+                )
+        else:
+            output, final_state = self._forward_unprojected(
+                hidden_states, padding_mask, document_starts, initial_state
+            )
+        final_state = self._to_cache_state(final_state)
+        _write_recurrent_state(cache, final_state, self.layer_idx)
+        return self.out_proj(output), final_state
 
+    def _forward_unprojected(self, hidden_states, padding_mask, document_starts, initial_state):
         if document_starts is not None:  # no cache: from a zero state, or the carried one for each row's first part
             output, final_state = self._forward_documents(hidden_states, document_starts, initial_state)
         elif padding_mask is None and self._runs_training_path(hidden_states):
@@ -121,10 +146,7 @@ class HybridRnnLmRecurrentMixer(nn.Module):
             output, final_state = self.rnn(hidden_states, initial_state)
         else:
             output, final_state = self._forward_padded(hidden_states, padding_mask, initial_state)
-
-        final_state = self._to_cache_state(final_state)
-        _write_recurrent_state(cache, final_state, self.layer_idx)
-        return self.out_proj(output), final_state
+        return output, final_state
 
     def _runs_training_path(self, hidden_states) -> bool:
         """Whether a GRU or tanh-RNN forward that autograd will go back through can use `gru_training_forward` /

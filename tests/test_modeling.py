@@ -209,6 +209,41 @@ def test_under_cpu_bf16_autocast_attention_runs_in_float32_on_bf16_projections(l
     assert seen == [(torch.bfloat16,) * 3] * 2
 
 
+def test_lstm_under_cpu_bf16_autocast_runs_where_onednn_has_no_bf16_lstm(monkeypatch):
+    """CPU autocast sends nn.LSTM to oneDNN in bf16, which needs AVX-512 or AMX: elsewhere torch fails ("could not
+    create a primitive descriptor"). There the LSTM runs in float32, and the step goes on in bf16 around it."""
+    from hybrid_rnn_lm.modeling_hybrid_rnn_lm import _cpu_autocast_without_lstm_kernel
+
+    lstm, x = torch.nn.LSTM(8, 8, batch_first=True), torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if _cpu_autocast_without_lstm_kernel(x):  # this CPU: torch's own path fails, as the fallback assumes
+            with pytest.raises(RuntimeError, match="primitive descriptor"):
+                lstm(x)
+        else:
+            assert lstm(x)[0].dtype == torch.bfloat16  # oneDNN's bf16 LSTM, used as it is
+
+    # The fallback, on any CPU: the cell's output is the float32 LSTM's, bit for bit; the model trains through it.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model = peaky_model(tiny_config("lstm", "every-2nd")).train()
+    outputs = []
+    model.model.layers[0].rnn.rnn.register_forward_hook(
+        lambda module, args, output: outputs.append(output[0].data)
+    )  # packed too
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the packed path too
+    for padding in (None, mask):
+        reference = model(ids, attention_mask=padding, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(ids, attention_mask=padding, labels=ids)
+        mixed.loss.backward()
+        fp32, under_autocast = outputs[-2:]
+        assert under_autocast.dtype == torch.float32
+        assert torch.equal(under_autocast, fp32)
+        assert mixed.loss.item() == pytest.approx(reference.loss.item(), abs=0.02)
+        assert model.model.layers[0].rnn.rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
 def test_hidden_states_and_attentions_outputs():
     config = tiny_config("gru", "every-2nd", num_hidden_layers=4, attn_implementation="eager")
     model = peaky_model(config)
