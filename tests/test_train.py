@@ -326,6 +326,22 @@ def test_hidden_act_sets_the_mlp_activation_of_either_architecture(hidden_act, h
     assert (hybrid.hidden_act, gpt2.activation_function) == (hybrid_act, gpt2_act)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["avx512-or-amx", "no-bf16-instructions"])
+def test_bf16_on_a_cpu_without_bf16_matrix_instructions_is_warned_about(native, monkeypatch, caplog):
+    from training.train import check_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    with caplog.at_level("WARNING", logger="training.train"):
+        check_mixed_precision("bf16")
+        check_mixed_precision("no")
+    warned = [record.message for record in caplog.records if "bf16 matrix instructions" in record.message]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "--mixed-precision no is faster here" in warned[0]
+
+
 def test_bf16_autocast_on_cpu_trains_and_saves_float32_weights(tmp_path):
     options = tiny_options(tmp_path / "bf16", mixed_precision="bf16", max_steps=2, eval_steps=2, eval_batches=1)
     results = run_training(*arguments_from_dict(options))
