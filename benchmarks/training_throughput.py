@@ -7,6 +7,7 @@
     python benchmarks/training_throughput.py --rnn-types mingru --intermediate-size 448   # another MLP width
     python benchmarks/training_throughput.py --rnn-types mingru --hidden-act gelu,relu2   # the MLP's activation
     python benchmarks/training_throughput.py --quick         # a tiny run that only shows the table's shape
+    python benchmarks/training_throughput.py --device cuda --shapes 12x256,64x1024   # on a GPU
 
 One training step is what `hybrid-lm train` does: forward with labels, backward, AdamW step, on random token ids of
 a character-sized vocabulary (65). All models run in one process, in interleaved rounds (the order rotates every
@@ -43,6 +44,7 @@ VOCAB_SIZE = 65  # Tiny Shakespeare's characters
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2_LAYERS, GPT2_WIDTH, HEADS = 4, 128, 4  # nanoGPT's CPU recipe
 HYBRID_LAYERS, HYBRID_ATTENTION = 3, 2  # the default hybrid: 3 blocks, attention in every 2nd (block 1)
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -120,21 +122,27 @@ def matched_width(rnn_type: str, target: int, intermediate_size: int | None = No
     return min(candidates, key=lambda width: abs(counts[width] - target))
 
 
-def with_optimizer(name: str, model: torch.nn.Module) -> Model:
-    model.train()
+def with_optimizer(name: str, model: torch.nn.Module, device: torch.device) -> Model:
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)  # as the trainer
     return Model(name, model, optimizer, parameter_count(model))
 
 
-def autocast(precision: str):
-    """The trainer's --mixed-precision: bf16 autocast on the CPU, or nothing for float32."""
+def autocast(precision: str, device: torch.device):
+    """The trainer's --mixed-precision: bf16 autocast on the model's device, or nothing for float32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=PRECISIONS[precision])
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer reads the work's end and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_step(entry: Model, ids: torch.Tensor, precision: str = "fp32") -> None:
-    with autocast(precision):
+    with autocast(precision, ids.device):
         loss = entry.model(input_ids=ids, labels=ids).loss
     loss.backward()
     entry.optimizer.step()
@@ -149,23 +157,34 @@ def step_flops(entry: Model, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10, precision: str = "fp32") -> float:
-    """Best GFLOP/s of a (size x size) @ (size x size) product in `precision` on the current thread count."""
-    a, b = torch.randn(size, size, dtype=PRECISIONS[precision]), torch.randn(size, size, dtype=PRECISIONS[precision])
+def matmul_peak_gflops(device: torch.device, repeats: int = 10, precision: str = "fp32") -> float:
+    """Best GFLOP/s of a square matrix product in `precision` (CPU: on the current thread count; 1024 x 1024 on a
+    CPU, 8192 x 8192 on a GPU)."""
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, dtype=PRECISIONS[precision], device=device) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
 
 def measure(
-    models: list[Model], batch: int, block: int, rounds: int, steps: int, warmup: int, precision: str = "fp32"
+    models: list[Model],
+    batch: int,
+    block: int,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    precision: str = "fp32",
+    device: torch.device = CPU,
 ) -> dict[str, float]:
     """Median tokens/s of each model over `rounds` interleaved rounds of `steps` training steps."""
-    ids = torch.randint(0, VOCAB_SIZE, (batch, block), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB_SIZE, (batch, block), generator=torch.Generator().manual_seed(0)).to(device)
     for entry in models:
         for _ in range(warmup):
             training_step(entry, ids, precision)
@@ -174,13 +193,21 @@ def measure(
     for round_index in range(rounds):
         shift = round_index % len(models)
         for entry in models[shift:] + models[:shift]:
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 training_step(entry, ids, precision)
+            synchronize(device)
             samples[entry.name].append(steps * batch * block / (time.perf_counter() - start))
             bar.update(1)
     bar.close()
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (TF32 matrix products off)"
+    return f"{torch.get_num_threads()} thread(s)"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -200,10 +227,12 @@ def throughput_table(args, shapes) -> str:
     target = parameter_count(gpt2(shapes[0][1]))
     mlp = args.intermediate_size
     widths = {rnn_type: matched_width(rnn_type, target, mlp) for rnn_type in args.rnn_types}
-    peaks = {precision: matmul_peak_gflops(precision=precision) for precision in args.precisions}
+    peaks = {precision: matmul_peak_gflops(args.device, precision=precision) for precision in args.precisions}
     peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
+    if "bf16" in args.precisions and args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        peak_text += " (this CPU has no bf16 matrix instructions: bf16 runs in generic code)"
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); matmul peak GFLOP/s: {peak_text}; "
+        f"torch {torch.__version__}, {device_label(args.device)}; matmul peak GFLOP/s: {peak_text}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps, medians; "
         f"hybrid MLP width, activation: {mlp_label(mlp, args.hidden_act)}",
         "",
@@ -212,16 +241,16 @@ def throughput_table(args, shapes) -> str:
     ]
     for batch, block in shapes:
         torch.manual_seed(0)
-        models = [with_optimizer(reference_name, gpt2(block, args.gpt2_act))]
+        models = [with_optimizer(reference_name, gpt2(block, args.gpt2_act), args.device)]
         for rnn_type, width in widths.items():
             for activation in args.hidden_act:  # the activation is named in the row when there are several
                 cell = rnn_type if len(args.hidden_act) == 1 else f"{rnn_type} {activation}"
                 model = hybrid(rnn_type, width, intermediate_size=mlp, activation=activation)
-                models.append(with_optimizer(f"hybrid {cell} ({HYBRID_LAYERS} x {width})", model))
-        ids = torch.randint(0, VOCAB_SIZE, (batch, block))
+                models.append(with_optimizer(f"hybrid {cell} ({HYBRID_LAYERS} x {width})", model, args.device))
+        ids = torch.randint(0, VOCAB_SIZE, (batch, block), device=args.device)
         flops = {entry.name: step_flops(entry, ids) for entry in models}
         for precision in args.precisions:
-            speed = measure(models, batch, block, args.rounds, args.steps, args.warmup, precision)
+            speed = measure(models, batch, block, args.rounds, args.steps, args.warmup, precision, args.device)
             for entry in models:
                 width = GPT2_WIDTH if entry.name == reference_name else int(entry.name.split(" x ")[-1].rstrip(")"))
                 gflops = flops[entry.name] * speed[entry.name] / (batch * block) / 1e9
@@ -239,7 +268,7 @@ def chunk_size_table(args, shapes) -> str:
     lines = [
         f"scan chunk size, mingru hybrid ({HYBRID_LAYERS} x {width}, MLP width, activation "
         f"{mlp_label(args.intermediate_size, args.hidden_act)}), "
-        f"{torch.get_num_threads()} thread(s)",
+        f"{device_label(args.device)}",
         "",
         "| chunk size | " + " | ".join(f"{b} x {t} tokens/s" for b, t in shapes) + " |",
         "|--:|" + "--:|" * len(shapes),
@@ -256,8 +285,10 @@ def chunk_size_table(args, shapes) -> str:
                 intermediate_size=args.intermediate_size,
                 activation=args.hidden_act[0],
             )
-            models.append(with_optimizer(str(chunk), model))
-        results[(batch, block)] = measure(models, batch, block, args.rounds, args.steps, args.warmup)
+            models.append(with_optimizer(str(chunk), model, args.device))
+        results[(batch, block)] = measure(
+            models, batch, block, args.rounds, args.steps, args.warmup, device=args.device
+        )
     for chunk in args.chunk_sizes:
         row = " | ".join(f"{results[shape][str(chunk)]:,.0f}" for shape in shapes)
         lines.append(f"| {chunk} | {row} |")
@@ -295,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         help="MLP activation of the GPT-2 reference (default: transformers' gelu_new), to compare like with like",
     )
     parser.add_argument("--chunk-sizes", default=None, help="instead: compare these scan chunk sizes (mingru)")
+    parser.add_argument("--device", default="cpu", help="cpu, or a GPU: cuda, cuda:1, ... (float32 without TF32)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
     args = parser.parse_args(argv)
     args.rnn_types = [name.strip() for name in args.rnn_types.split(",") if name.strip()]
@@ -320,6 +352,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: --chunk-sizes times one model per chunk size: give one --hidden-act")
     if args.chunk_sizes is not None:
         args.chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if args.device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA GPU is available here; use --device cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     shapes = parse_shapes(args.shapes)
     table = throughput_table(args, shapes) if args.chunk_sizes is None else chunk_size_table(args, shapes)
