@@ -1,6 +1,7 @@
 """The benchmark scripts run (in their tiny modes) and print their tables; their figures are not asserted."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,23 @@ def test_training_throughput_rejects_an_unknown_cell():
     benchmark = load("training_throughput")
     with pytest.raises(SystemExit, match="--rnn-types transformer: not a cell"):
         benchmark.main(["--quick", "--rnn-types", "transformer"])
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu0", "--device 'gpu0' is not a device; use cpu, cuda or cuda:N"),
+        ("meta", "--device meta: this benchmark runs on cpu or cuda"),
+        ("cuda", "--device cuda: no CUDA GPU is available here; use --device cpu"),
+    ],
+)
+def test_training_throughput_rejects_a_device_it_cannot_run_on(device, message, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    benchmark = load("training_throughput")
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
+        benchmark.main(["--quick", "--device", device])
 
 
 def test_training_throughput_rejects_an_unknown_precision():
