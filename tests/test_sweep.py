@@ -407,6 +407,13 @@ def test_runs_option_trains_only_the_named_runs_and_rejects_unknown_ones(tmp_pat
         "error: --runs: transformer not in study tiny; its runs are "
         "hybrid-s-seed1, hybrid-s-seed2, hybrid-m, gpt2-s, hybrid-m-fast-lr"
     ]
+    for empty in ("", " , "):  # an empty list (a shell variable that was not set) is not "every run"
+        code, _, err = _sweep(study_path, output, capsys, monkeypatch, "--runs", empty)
+        assert code == 2 and not output.exists()
+        assert err.splitlines() == [
+            f"error: --runs {empty!r} names no run; give run names (e.g. --runs hybrid-s-seed1) or leave --runs "
+            "out to train every run"
+        ]
     code, out, _ = _sweep(study_path, output, capsys, monkeypatch, "--runs", "hybrid-m")
     assert code == 0 and "1 trained, 0 skipped" in out
     assert sorted(p.name for p in (output / "runs").iterdir() if p.is_dir()) == ["hybrid-m"]

@@ -521,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     for planned_run in planned:  # before any training: an edited study must not silently reuse stale runs
         run_status(planned_run)
     selected = planned
-    if args.runs:
+    if args.runs is not None:
         names = [name.strip() for name in args.runs.split(",") if name.strip()]
+        if not names:
+            raise UserError(
+                f"--runs {args.runs!r} names no run; give run names (e.g. --runs "
+                f"{planned[0].name}) or leave --runs out to train every run"
+            )
         unknown = [name for name in names if name not in {run.name for run in planned}]
         if unknown:
             raise UserError(
