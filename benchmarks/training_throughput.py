@@ -157,10 +157,12 @@ def step_flops(entry: Model, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 10, precision: str = "fp32") -> float:
-    """Best GFLOP/s of a square matrix product in `precision` (CPU: on the current thread count; 1024 x 1024 on a
-    CPU, 8192 x 8192 on a GPU)."""
-    size = 8192 if device.type == "cuda" else 1024
+def matmul_peak_gflops(
+    device: torch.device, repeats: int = 10, precision: str = "fp32", size: int | None = None
+) -> float:
+    """Best GFLOP/s of a square matrix product in `precision` (CPU: on the current thread count); by default
+    1024 x 1024 on a CPU, 8192 x 8192 on a GPU."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     a, b = (torch.randn(size, size, dtype=PRECISIONS[precision], device=device) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
@@ -227,7 +229,11 @@ def throughput_table(args, shapes) -> str:
     target = parameter_count(gpt2(shapes[0][1]))
     mlp = args.intermediate_size
     widths = {rnn_type: matched_width(rnn_type, target, mlp) for rnn_type in args.rnn_types}
-    peaks = {precision: matmul_peak_gflops(args.device, precision=precision) for precision in args.precisions}
+    # --quick: a small product, a few times (a CPU without bf16 instructions takes seconds for one 1024 x 1024).
+    peak_shape = dict(size=128, repeats=2) if args.quick else {}
+    peaks = {
+        precision: matmul_peak_gflops(args.device, precision=precision, **peak_shape) for precision in args.precisions
+    }
     peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
     if "bf16" in args.precisions and args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         peak_text += " (this CPU has no bf16 matrix instructions: bf16 runs in generic code)"
