@@ -17,6 +17,7 @@ from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
 )
 from tests.test_modeling import left_padded_prompts, peaky_model, random_ids, tiny_config
 from tests.test_scan import CHUNK, cell_inputs, gates_and_inputs
+from tests.test_training_hooks import assert_checkpointing_gives_the_same_gradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -141,17 +142,7 @@ def test_cuda_bf16_autocast_training_step_is_close_to_float32(rnn_type):
 @pytest.mark.parametrize("rnn_type", ["gru", "lstm", "mingru", "minlstm"])
 def test_cuda_gradient_checkpointing_gives_the_same_gradients(rnn_type):
     model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=4)).to(CUDA).train()
-    ids = random_ids(2, 30).to(CUDA)
-
-    def gradients():
-        model.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    plain = gradients()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for name, grad in gradients().items():
-        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_checkpointing_gives_the_same_gradients(model, random_ids(2, 30).to(CUDA))
 
 
 @pytest.mark.parametrize("rnn_type", ["gru", "mingru"])
