@@ -21,7 +21,9 @@ step (torch's FlopCounterMode: matrix products, attention, the fused cells' gate
 peak of one matrix product of the same precision measured in the same run.
 
 Every shape is measured in float32 and under bfloat16 autocast (what `hybrid-lm train --mixed-precision bf16` does:
-the matrix products in bf16, weights, optimizer state, norms and the recurrent scan in float32). Both models of a
+the matrix products in bf16, weights, optimizer state, norms and the recurrent scan in float32); on a CPU without
+bf16 matrix instructions (no AVX-512 / AMX), where bf16 runs in slow generic code, in float32 alone unless
+--precisions asks for bf16. Both models of a
 row share its precision; the ratio never compares a bf16 model with a float32 one.
 """
 
@@ -237,6 +239,8 @@ def throughput_table(args, shapes) -> str:
     peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
     if "bf16" in args.precisions and args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         peak_text += " (this CPU has no bf16 matrix instructions: bf16 runs in generic code)"
+    if args.bf16_left_out:
+        peak_text += " (bf16 left out: this CPU has no bf16 matrix instructions; --precisions fp32,bf16 times it)"
     lines = [
         f"torch {torch.__version__}, {device_label(args.device)}; matmul peak GFLOP/s: {peak_text}; "
         f"{args.rounds} interleaved rounds of {args.steps} steps, medians; "
@@ -311,8 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument(
         "--precisions",
-        default="fp32,bf16",
-        help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated",
+        default=None,
+        help="fp32 and/or bf16 (autocast, as --mixed-precision bf16), comma separated (default: both, or fp32 alone "
+        "on a CPU without bf16 matrix instructions, where bf16 runs in slow generic code)",
     )
     parser.add_argument(
         "--intermediate-size",
@@ -339,9 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in args.rnn_types if name not in RNN_TYPES]
     if unknown:
         raise SystemExit(f"error: --rnn-types {','.join(unknown)}: not a cell; choose from {', '.join(RNN_TYPES)}")
-    args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
-    if not args.precisions or any(name not in PRECISIONS for name in args.precisions):
-        raise SystemExit(f"error: --precisions {','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
+    if args.precisions is not None:
+        args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+        if not args.precisions or any(name not in PRECISIONS for name in args.precisions):
+            raise SystemExit(f"error: --precisions {','.join(args.precisions)}: choose from {', '.join(PRECISIONS)}")
     if args.intermediate_size is not None and args.intermediate_size < 1:
         raise SystemExit(f"error: --intermediate-size {args.intermediate_size}: the MLP width must be at least 1")
     args.hidden_act = [name.strip() for name in args.hidden_act.split(",") if name.strip()]
@@ -366,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is available here; use --device cpu")
+    args.bf16_left_out = False
+    if args.precisions is None:
+        args.bf16_left_out = args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        args.precisions = ["fp32"] if args.bf16_left_out else list(PRECISIONS)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     shapes = parse_shapes(args.shapes)

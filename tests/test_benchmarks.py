@@ -21,7 +21,7 @@ def load(name: str):
 def test_training_throughput_prints_a_row_per_cell_and_the_gpt2_reference(capsys):
     """Every cell and GPT-2, in float32 and under bf16 autocast; each precision's ratio is to its own GPT-2 row."""
     benchmark = load("training_throughput")
-    benchmark.main(["--quick"])
+    benchmark.main(["--quick", "--precisions", "fp32,bf16"])
     out = capsys.readouterr().out
     header = (
         "| model | width | params | batch x block | precision | tokens/s | vs GPT-2 | GFLOP/s | % of matmul peak |"
@@ -33,6 +33,21 @@ def test_training_throughput_prints_a_row_per_cell_and_the_gpt2_reference(capsys
         assert {row.split("|")[5].strip() for row in group} == {precision}
         assert group[0].startswith("| GPT-2") and group[0].split("|")[7].strip() == "1.00x"
         assert [row.split("|")[1].split()[1] for row in group[1:]] == list(RNN_TYPES)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-instructions", "none"])
+def test_training_throughput_times_bf16_by_default_only_where_the_cpu_has_bf16_instructions(
+    native, capsys, monkeypatch
+):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    benchmark = load("training_throughput")
+    benchmark.main(["--quick", "--rnn-types", "mingru"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| GPT-2") or line.startswith("| hybrid")]
+    assert [row.split("|")[5].strip() for row in rows] == (["fp32"] * 2 + ["bf16"] * 2 if native else ["fp32"] * 2)
+    assert ("bf16 left out: this CPU has no bf16 matrix instructions" in out) is not native
 
 
 def test_training_throughput_matches_parameters_within_ten_percent():
