@@ -1,5 +1,6 @@
 """hybrid-lm generate: seeded determinism, streaming, batched == one by one, pipeline() with and without remote code."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,34 @@ def test_prompt_file_with_invalid_utf8_names_the_byte(model_dir, tmp_path, capsy
         f"error: {prompt_file} is not valid UTF-8 at byte 15: invalid start byte (0xff); re-encode the file as UTF-8, "
         "e.g. with `iconv -f latin1 -t utf-8`"
     )
+
+
+def test_the_commands_load_models_without_hub_kernels(model_dir, monkeypatch):
+    """transformers 5 marks what from_pretrained loads for hub kernels: on a GPU, a switch between train() and eval()
+    then fetches compiled activations from the Hub (kernels-community/activation), which fails offline and runs code
+    that no folder of ours holds. Every loader of the commands turns that off; the server's model process too."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    from transformers.cli.serving.model_manager import ModelLoader
+
+    from training.classify import load_classifier
+    from training.serve_loader import HybridLmModelLoader
+    from training.train import load_saved_model
+
+    assert AutoModelForCausalLM.from_pretrained(model_dir).use_kernels  # transformers' default, where kernels exist
+    model, _ = load_model_and_tokenizer(model_dir)
+    classifier, _ = load_classifier(model_dir, ["a", "b"], bidirectional=False, pad_token_id=0)
+    accelerator = Accelerator(cpu=True)
+    saved = accelerator.unwrap_model(load_saved_model(accelerator, model_dir))
+    assert not any(loaded.use_kernels for loaded in (model, classifier, saved))
+
+    seen = []
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    monkeypatch.setattr(
+        ModelLoader, "load_model_and_processor", lambda *args: seen.append(os.environ["USE_HUB_KERNELS"])
+    )
+    loader = HybridLmModelLoader()
+    loader.load_model_and_processor(str(model_dir))
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")  # a choice the user made stays
+    loader.load_model_and_processor(str(model_dir))
+    assert seen == ["NO", "YES"]

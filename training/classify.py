@@ -25,6 +25,7 @@ from datasets import Dataset
 from training.arguments import arg, check_seed, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, check_tokenizer_fits, parse_command
+from training.model_files import LOCAL_CODE_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_to
             ignore_mismatched_sizes=bidirectional,
             output_loading_info=True,
             use_safetensors=True,
+            **LOCAL_CODE_ONLY,
         )
     except (OSError, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

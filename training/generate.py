@@ -22,7 +22,7 @@ from transformers import logging as transformers_logging
 
 from training.arguments import CommandParser, arg, check_seed, check_types
 from training.errors import UserError
-from training.model_files import check_safetensors, weight_files
+from training.model_files import LOCAL_CODE_ONLY, check_safetensors, weight_files
 from training.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def load_model_and_tokenizer(
     transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
     try:
-        model = model_class.from_pretrained(folder, use_safetensors=True, **model_kwargs)
+        model = model_class.from_pretrained(folder, use_safetensors=True, **LOCAL_CODE_ONLY, **model_kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(
             f"{folder}: the weights do not fit config.json ({_first_line(error)}); save the model again"

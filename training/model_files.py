@@ -9,6 +9,11 @@ from training.errors import UserError
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# from_pretrained options of every model these commands load. transformers 5 marks a loaded model for "hub kernels"
+# by default: when the model sits on a GPU and switches between train() and eval(), its activations are replaced by
+# compiled code fetched from the Hub (kernels-community/...), which fails offline and runs code no folder of ours
+# holds. The commands run the model's own code only.
+LOCAL_CODE_ONLY = {"use_kernels": False}
 
 
 def weight_files(folder: Path, refusal: str = "never loaded") -> list[str]:

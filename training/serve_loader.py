@@ -10,7 +10,12 @@ class HybridLmModelLoader(ModelLoader):
     then built from the installed package, as in the server's own process: no code from the folder runs."""
 
     def load_model_and_processor(self, model_id: str, on_progress=None):
+        import os
+
         from training.serve import make_classes_available
 
         make_classes_available()
+        # No hub kernels (see training.model_files.LOCAL_CODE_ONLY), for the GPT-2 baselines' transformers class too;
+        # a USE_HUB_KERNELS the user set stays.
+        os.environ.setdefault("USE_HUB_KERNELS", "NO")
         return super().load_model_and_processor(model_id, on_progress)

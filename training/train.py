@@ -63,6 +63,7 @@ from training.checkpoints import (
 )
 from training.errors import UserError
 from training.loop import UNBOUNDED_STEPS, LoopParts, TrainingProgress, evaluate_model, train_loop
+from training.model_files import LOCAL_CODE_ONLY
 from training.plots import plot_loss_curve, read_metrics
 
 logger = logging.getLogger("training.train")
@@ -790,7 +791,7 @@ def load_saved_model(accelerator: Accelerator, output_dir: Path):
     from transformers import AutoModelForCausalLM
 
     with _quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(output_dir)
+        model = AutoModelForCausalLM.from_pretrained(output_dir, **LOCAL_CODE_ONLY)
     return accelerator.prepare_model(model, evaluation_mode=True)
 
 
@@ -801,11 +802,7 @@ def evaluate_saved_model(
 
     Periodic evaluations may see only the first --eval-batches batches (to choose the best step quickly); the numbers
     a run reports are this full-split evaluation."""
-    from transformers import AutoModelForCausalLM
-
-    with _quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(output_dir)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model = load_saved_model(accelerator, output_dir)
     metrics = evaluate_model(
         accelerator, model, accelerator.prepare_data_loader(dataloader), metric, characters_per_token
     )
@@ -1133,7 +1130,7 @@ def generate_sample(output_dir: Path, args: TrainArguments) -> str:
 
     with _quiet_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
-        model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+        model = AutoModelForCausalLM.from_pretrained(output_dir, **LOCAL_CODE_ONLY).eval()
     prompt = tokenizer(args.sample_prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if prompt.shape[1] == 0:
         prompt = torch.tensor([[tokenizer.bos_token_id]])
