@@ -199,6 +199,7 @@ def _run_training(model_args, data_args, train_args, on_batch) -> dict:
             "--streaming reads a corpus of unknown length: give --max-steps or --max-train-minutes (not --epochs)"
         )
     check_model_fits(build_model_config(model_args, vocab_size=256, block_size=data_args.block_size), train_args)
+    warn_ignored_model_options(model_args)
     accelerator, output_dir = build_accelerator(train_args)
     resume_from = check_output_dir(output_dir, train_args)
     resume_changes = check_resume_options(output_dir, model_args, data_args, train_args) if resume_from else {}
@@ -886,6 +887,25 @@ def check_model_fits(config, args: TrainArguments) -> None:
             f"the model has {parameters:,} parameters, whose training state needs about {needed / 1e9:.1f} GB, more "
             f"than the {available / 1e9:.1f} GB of memory available; lower --hidden-size or --num-hidden-layers"
         )
+
+
+HYBRID_ONLY_OPTIONS = ("rnn_type", "attention_layers", "attention_window", "use_residual")
+
+
+def warn_ignored_model_options(model_args: ModelArguments) -> None:
+    """GPT-2 has no recurrent cell or attention layout: hybrid options set away from their defaults are named, since
+    the run ignores them (studies give their GPT-2 baselines the hybrid runs' options, hence a warning, not an
+    error)."""
+    if model_args.architecture != "gpt2" or model_args.model_config is not None:
+        return
+    fields = ModelArguments.__dataclass_fields__
+    ignored = [
+        f"--{name.replace('_', '-')} {getattr(model_args, name)}"
+        for name in HYBRID_ONLY_OPTIONS
+        if getattr(model_args, name) != fields[name].default
+    ]
+    if ignored:
+        logger.warning("--architecture gpt2 ignores the hybrid model's options %s", ", ".join(ignored))
 
 
 def build_model_config(model_args: ModelArguments, vocab_size: int, block_size: int, **special_tokens):
