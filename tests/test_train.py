@@ -319,6 +319,25 @@ def test_gpt2_baseline_trains_in_the_same_loop(tmp_path, caplog):
     assert len(tokenizer(results["sample"], add_special_tokens=False).input_ids) <= 32
 
 
+def test_model_config_builds_the_model_and_names_the_size_options_it_replaces(tmp_path, caplog):
+    from hybrid_rnn_lm import HybridRnnLmConfig
+
+    config_dir = tmp_path / "config"
+    HybridRnnLmConfig(
+        hidden_size=48, num_hidden_layers=1, num_attention_heads=2, rnn_type="mingru", intermediate_size=96
+    ).save_pretrained(config_dir)
+    options = tiny_options(tmp_path / "run", model_config=str(config_dir), max_steps=2, eval_steps=2, eval_batches=1)
+    with caplog.at_level("WARNING", logger="training.train"):
+        run_training(*arguments_from_dict(options))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.rnn_type) == (48, 1, "mingru")
+    replaced = [record.message for record in caplog.records if "replaces the options" in record.message]
+    assert replaced == [  # TINY's size options, which the file overrides
+        f"--model-config {config_dir} replaces the options --hidden-size 32, --num-hidden-layers 2, "
+        "--num-attention-heads 2"
+    ]
+
+
 @pytest.mark.parametrize(
     ("hidden_act", "hybrid_act", "gpt2_act"), [(None, "relu2", "gelu_new"), ("gelu", "gelu", "gelu")]
 )

@@ -890,22 +890,41 @@ def check_model_fits(config, args: TrainArguments) -> None:
 
 
 HYBRID_ONLY_OPTIONS = ("rnn_type", "attention_layers", "attention_window", "use_residual")
+# What a --model-config file decides instead of the flags (the embeddings options still apply).
+MODEL_CONFIG_REPLACES = (
+    "architecture",
+    "hidden_size",
+    "num_hidden_layers",
+    "rnn_type",
+    "num_attention_heads",
+    "attention_layers",
+    "attention_window",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout",
+    "attention_dropout",
+    "use_residual",
+)
 
 
 def warn_ignored_model_options(model_args: ModelArguments) -> None:
-    """GPT-2 has no recurrent cell or attention layout: hybrid options set away from their defaults are named, since
-    the run ignores them (studies give their GPT-2 baselines the hybrid runs' options, hence a warning, not an
-    error)."""
-    if model_args.architecture != "gpt2" or model_args.model_config is not None:
+    """Options that the run cannot use and that were set away from their defaults are named: a config file replaces
+    every size option, and GPT-2 has no recurrent cell or attention layout (studies give their GPT-2 baselines the
+    hybrid runs' options, hence a warning, not an error)."""
+    if model_args.model_config is not None:
+        names, reason = MODEL_CONFIG_REPLACES, f"--model-config {model_args.model_config} replaces the options"
+    elif model_args.architecture == "gpt2":
+        names, reason = HYBRID_ONLY_OPTIONS, "--architecture gpt2 ignores the hybrid model's options"
+    else:
         return
     fields = ModelArguments.__dataclass_fields__
     ignored = [
         f"--{name.replace('_', '-')} {getattr(model_args, name)}"
-        for name in HYBRID_ONLY_OPTIONS
+        for name in names
         if getattr(model_args, name) != fields[name].default
     ]
     if ignored:
-        logger.warning("--architecture gpt2 ignores the hybrid model's options %s", ", ".join(ignored))
+        logger.warning("%s %s", reason, ", ".join(ignored))
 
 
 def build_model_config(model_args: ModelArguments, vocab_size: int, block_size: int, **special_tokens):
