@@ -299,10 +299,14 @@ def test_epochs_set_the_number_of_steps_from_the_data(tmp_path):
 def test_gpt2_baseline_trains_in_the_same_loop(tmp_path, caplog):
     options = tiny_options(tmp_path / "gpt2", architecture="gpt2", max_steps=6, eval_steps=3, sample_tokens=50)
     with caplog.at_level("WARNING", logger="training.train"):
-        results = run_training(*arguments_from_dict({**options, "rnn_type": "lstm", "attention_window": 8}))
+        results = run_training(
+            *arguments_from_dict({**options, "rnn_type": "lstm", "attention_window": 8, "use_residual": False})
+        )
     # The options of the hybrid model that this run cannot use are named once.
     ignored = [record.message for record in caplog.records if "ignores the hybrid model's options" in record.message]
-    assert ignored == ["--architecture gpt2 ignores the hybrid model's options --rnn-type lstm, --attention-window 8"]
+    assert ignored == [
+        "--architecture gpt2 ignores the hybrid model's options --rnn-type lstm, --attention-window 8, --no-use-residual"
+    ]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
     assert isinstance(model, GPT2LMHeadModel)
     assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (32, 2, 2)

@@ -918,11 +918,13 @@ def warn_ignored_model_options(model_args: ModelArguments) -> None:
     else:
         return
     fields = ModelArguments.__dataclass_fields__
-    ignored = [
-        f"--{name.replace('_', '-')} {getattr(model_args, name)}"
-        for name in names
-        if getattr(model_args, name) != fields[name].default
-    ]
+    ignored = []
+    for name in names:
+        value, flag = getattr(model_args, name), name.replace("_", "-")
+        if value != fields[name].default:  # as typed: --no-use-residual, --rnn-type lstm
+            ignored.append(
+                (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+            )
     if ignored:
         logger.warning("%s %s", reason, ", ".join(ignored))
 
