@@ -163,18 +163,25 @@ def test_bidirectional_encoder_is_refused_as_a_causal_lm(data, tmp_path, capsys)
          "least two labels"),
         ({"unknown_validation_label": True}, "the validation data has labels the training data never shows (neutral)"),
         ({"train_suffix": ".xlsx"}, "unsupported format .xlsx; use a .csv or .jsonl file"),
+        ({"header_only": True}, "holds no examples: add rows with a text and a label"),
+        ({"empty_validation": True}, "holds no examples: add rows with a text and a label"),
     ],
-    ids=["missing-label-column", "missing-text-column", "one-label", "unknown-validation-label", "bad-format"],
+    ids=["missing-label-column", "missing-text-column", "one-label", "unknown-validation-label", "bad-format",
+         "csv-header-without-rows", "empty-jsonl"],
 )  # fmt: skip
 def test_bad_input_is_one_line_error_and_writes_nothing(data, tmp_path, capsys, change, message):
     rows = reviews(30, seed=3)
     if change.get("one_label"):
         rows = [{**row, "label": "positive"} for row in rows]
     train = write_csv(tmp_path / f"train{change.get('train_suffix', '.csv')}", rows)
+    if change.get("header_only"):
+        train.write_text("text,label\n\n")
     validation = reviews(10, seed=4)
     if change.get("unknown_validation_label"):
         validation[0]["label"] = "neutral"
     validation_file = write_jsonl(tmp_path / "validation.jsonl", validation)
+    if change.get("empty_validation"):
+        validation_file.write_text("\n")
     output_dir = tmp_path / "out"
     argv = ["finetune-classify", "--model", str(data["model"]), "--train", str(train)]
     argv += ["--validation", str(validation_file), "--output-dir", str(output_dir)]

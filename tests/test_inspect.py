@@ -115,6 +115,21 @@ def test_a_pure_recurrent_model_has_no_attention_figure(tmp_path, capsys):
     assert "This model has no attention layers" in (out_dir / "summary.md").read_text()
 
 
+def test_an_output_dir_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "model")
+    notes = tmp_path / "notes"
+    notes.write_text("mine")
+    for output_dir, message in (
+        (notes, f"--output-dir {notes} is a file, not a folder; choose another --output-dir"),
+        (notes / "o", f"--output-dir {notes / 'o'}: {notes} is a file, not a folder; choose another --output-dir"),
+    ):
+        code, _, err = run_cli(
+            capsys, "inspect", "--model", str(model_dir), "--text", "x", "--output-dir", str(output_dir)
+        )
+        assert code == 2 and error_line(err) == f"error: {message}"
+    assert notes.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

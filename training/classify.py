@@ -79,6 +79,17 @@ class LabelledData:
     labels: list[str]  # class id -> name
 
 
+def _has_rows(file: Path, header: bool) -> bool:
+    """Whether the file has a non-blank line past its header (reads only that far)."""
+    needed = 2 if header else 1
+    with file.open("rb") as stream:
+        for line in stream:
+            needed -= bool(line.strip())
+            if needed == 0:
+                return True
+    return False
+
+
 def read_table(path: str, flag: str) -> Dataset:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -88,6 +99,8 @@ def read_table(path: str, flag: str) -> Dataset:
         raise UserError(f"{flag} {path}: unsupported format {file.suffix or '(none)'}; use a .csv or .jsonl file")
     from datasets import load_dataset
 
+    if not _has_rows(file, header=builder == "csv"):  # the readers fail on these with messages of their own
+        raise UserError(f"{flag} {path} holds no examples: add rows with a text and a label")
     try:
         table = load_dataset(builder, data_files=str(file), split="train")
     except Exception as error:  # pyarrow/pandas parse errors have many types; the message names the file
@@ -239,7 +252,7 @@ def checkpoint_file(folder: Path, tensor_name: str) -> Path:
 def prepare_output_dir(args: ClassifyArguments) -> Path:
     """The output folder, checked before any training: the classifier replaces it whole at the end, so it may hold
     nothing but what this command or a training run writes, and never the model being fine-tuned."""
-    from training.train import output_dir_contents
+    from training.train import check_folder_path, output_dir_contents
 
     output_dir = Path(args.output_dir).expanduser()
     model = Path(args.model).expanduser().resolve()
@@ -248,8 +261,7 @@ def prepare_output_dir(args: ClassifyArguments) -> Path:
             f"--output-dir {output_dir} holds the model being fine-tuned ({args.model}), which replacing it would "
             "delete; choose another --output-dir"
         )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    check_folder_path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not args.overwrite_output_dir:
             raise UserError(

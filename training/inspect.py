@@ -425,8 +425,11 @@ def main(argv: list[str]) -> int:
             problem = "is a folder" if path.is_dir() else "does not exist"
             raise UserError(f"--text-file {args.text_file} {problem}: give the path of a text file")
         text = path.read_text(encoding="utf-8")
-    model, tokenizer = load_base_model(args.model)
+    from training.train import check_folder_path
+
     output_dir = Path(args.output_dir).expanduser()
+    check_folder_path(output_dir)  # before the model loads
+    model, tokenizer = load_base_model(args.model)
     result = inspect_text(
         model, tokenizer, text, output_dir, args.max_tokens, args.words, args.neighbours, args.embedding_tokens
     )

@@ -491,6 +491,15 @@ def check_trackers(report_to: str) -> list[str] | None:
     return names
 
 
+def check_folder_path(output_dir: Path) -> None:
+    """--output-dir names a folder, or a path where one can be made: neither it nor a folder above it is a file."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--output-dir {output_dir}: {blocking} is a file, not a folder; choose another --output-dir")
+
+
 def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
     """The checkpoint to resume from, if any; refuses to clobber an earlier run, and --overwrite-output-dir refuses a
     folder that holds anything a run did not write. Writes nothing."""
@@ -499,11 +508,7 @@ def check_output_dir(output_dir: Path, args: TrainArguments) -> Path | None:
         read_progress(checkpoint)  # a missing or broken loop state fails here, before anything is written
         check_checkpoint_files(checkpoint)
         return checkpoint
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
-    blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--output-dir {output_dir}: {blocking} is a file, not a folder; choose another --output-dir")
+    check_folder_path(output_dir)
     ours, others = output_dir_contents(output_dir)
     has_run = any(path.name in (*RUN_FILES, "checkpoints") for path in ours)
     if has_run and not args.overwrite_output_dir:
