@@ -394,14 +394,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_files
     code, err = run_cli(capsys, "train", *flags)
     assert code == 1
     [line] = [line for line in err.splitlines() if line.startswith("error")]  # on its own line, after the bar
-    assert line.startswith(
+    assert line == (
         f"error: cannot write {folder / 'checkpoints' / '.tmp-checkpoint-4'}: no space left on device; free space "
-        "or pick a path on another disk"
+        "or pick a path on another disk (files written before, earlier checkpoints and the best model included, are "
+        "complete)"
     )
     assert "Traceback" not in err
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-2"]
     load_file(folder / "checkpoints" / "checkpoint-2" / "model.safetensors")  # complete and readable
     load_file(folder / "model.safetensors")  # the best model so far
+
+
+def test_a_full_disk_outside_training_is_one_line_without_the_checkpoint_note(tmp_path, capsys, monkeypatch):
+    """Only training writes checkpoints: another command's write error does not speak of them."""
+    import errno
+
+    import training.inspect
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "attention.png"))
+
+    monkeypatch.setattr(training.inspect, "main", full_disk)
+    code, err = run_cli(capsys, "inspect", "--model", "m", "--text", "x", "--output-dir", str(tmp_path / "o"))
+    assert code == 1
+    assert err.strip() == (
+        f"error: cannot write {tmp_path / 'o' / 'attention.png'}: no space left on device; free space or pick a "
+        "path on another disk"
+    )
 
 
 def test_a_cache_dir_below_a_file_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug or error.errno not in WRITE_ERRNOS:
             raise
         path = error.filename if error.filename is not None else "a file"
+        # Training writes each checkpoint and the best model whole, then renames it into place.
+        kept = " (files written before, earlier checkpoints and the best model included, are complete)"
         print(
-            f"error: cannot write {path}: {error.strerror.lower()}; {WRITE_ERRNOS[error.errno]} (files written "
-            "before, earlier checkpoints and the best model included, are complete)",
+            f"error: cannot write {path}: {error.strerror.lower()}; {WRITE_ERRNOS[error.errno]}"
+            f"{kept if name in ('train', 'sweep') else ''}",
             file=sys.stderr,
         )
         return 1
