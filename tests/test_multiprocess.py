@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import REPO_ROOT, as_flags, tiny_options
+from tests.test_train import REPO_ROOT, as_flags, documents_folder, tiny_options
 from training.plots import read_metrics
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
@@ -107,14 +107,17 @@ def test_two_processes_carry_state_on_disjoint_contiguous_streams(tmp_path):
     from training.data import load_corpus, split_token_stream, tokenize_corpus
     from training.tokenization import build_tokenizer
 
+    folder = documents_folder(tmp_path / "documents", 40, 500)  # an EOS resets the state within the run
     output_dir = tmp_path / "run"
-    options = tiny_options(output_dir, max_steps=6, eval_steps=3, checkpoint_steps=3, carry_state=True)
+    options = tiny_options(
+        output_dir, dataset=str(folder), max_steps=6, eval_steps=3, checkpoint_steps=3, carry_state=True
+    )
     (tmp_path / "driver.py").write_text(DRIVER)
     result = launch(["driver.py", json.dumps(options), str(tmp_path)], cwd=tmp_path, use_cpu=True)
     assert result.returncode == 0, result.stderr[-4000:]
 
     tokenizer = build_tokenizer(str(output_dir))
-    corpus = load_corpus("python-docs")
+    corpus = load_corpus(str(folder))
     blocks = np.asarray(tokenize_corpus(corpus, tokenizer, options["block_size"])["train"]["input_ids"])
     rows = options["batch_size"]
     length = len(blocks) // (2 * rows)
@@ -136,13 +139,7 @@ def test_two_processes_carry_state_on_disjoint_contiguous_streams(tmp_path):
 @pytest.mark.xdist_group("accelerate-launch")
 def test_two_processes_stream_disjoint_shares_of_a_streamed_corpus(tmp_path):
     """--streaming under DDP: split_dataset_by_node gives each process its own share of the stream."""
-    from tests.test_train import real_text_file
-
-    folder = tmp_path / "documents"
-    folder.mkdir()
-    text = real_text_file(tmp_path / "source", 40 * 500).read_text()
-    for index in range(40):
-        (folder / f"doc{index:02d}.txt").write_text(text[500 * index : 500 * (index + 1)])
+    folder = documents_folder(tmp_path / "documents", 40, 500)
     output_dir = tmp_path / "run"
     options = tiny_options(output_dir, dataset=str(folder), streaming=True, max_steps=6, eval_steps=3)
     (tmp_path / "driver.py").write_text(DRIVER)

@@ -12,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import REPO_ROOT, as_flags, real_text_file, single_thread, tiny_options  # noqa: F401
+from tests.test_train import (  # noqa: F401 (single_thread: a fixture)
+    REPO_ROOT,
+    as_flags,
+    documents_folder,
+    real_text_file,
+    single_thread,
+    tiny_options,
+)
 from training.arguments import arguments_from_dict
 from training.checkpoints import list_checkpoints, resolve_checkpoint
 from training.errors import UserError
@@ -96,23 +103,19 @@ def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: 
 def test_stopped_run_resumed_from_latest_equals_an_uninterrupted_run(tmp_path, stop, variant):
     """SIGKILL: no handler, no cleanup, the process just stops. SIGTERM (what schedulers send): a checkpoint after
     the current step, the resume command, exit 143. With --carry-state the recurrent state carried into the next
-    step is part of the checkpoint (the python-docs corpus has many documents: the state also resets at each EOS),
+    step is part of the checkpoint (the corpus is a folder of many documents: the state also resets at each EOS),
     with --carry-state-streams the states of every sub-stream and the order they are read in;
     with --streaming the data position is replayed from the stream (shuffle buffer included)."""
     corpus = real_text_file(tmp_path / "data", 2500)  # 17 batches per epoch: 128 micro-batches cross 7 epochs
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     options = tiny_options(straight_dir, dataset=str(corpus), **RESUME_OPTIONS)
-    if variant == "carry-state":
-        options.update(dataset="python-docs", carry_state=True)
-    elif variant == "carry-state-streams":  # every row continues a randomly drawn one of its 3 sub-streams
-        options.update(dataset="python-docs", carry_state=True, carry_state_streams=3)
-    elif variant is not None:  # a folder of documents, read lazily; small, so that the streams cross epochs
-        folder = tmp_path / "documents"
-        folder.mkdir()
-        text = real_text_file(tmp_path / "source", 24 * 400).read_text()
-        for index in range(24):  # ~270 training blocks: the 128 micro-batches cross epochs
-            (folder / f"doc{index:02d}.txt").write_text(text[400 * index : 400 * (index + 1)])
-        options.update(dataset=str(folder), streaming=True, carry_state=variant == "streaming-carry-state")
+    if variant is not None:  # 24 documents, ~270 training blocks: the 128 micro-batches cross epochs
+        folder = documents_folder(tmp_path / "documents", 24, 400)
+        options.update(dataset=str(folder), carry_state=variant.endswith("carry-state"))
+    if variant == "carry-state-streams":  # every row continues a randomly drawn one of its 3 sub-streams
+        options.update(carry_state=True, carry_state_streams=3)
+    elif variant is not None and variant.startswith("streaming"):  # read lazily, the streams cross epochs
+        options.update(streaming=True)
     run_training(*arguments_from_dict(options))
 
     killed_options = {**options, "output_dir": str(killed_dir)}

@@ -75,6 +75,15 @@ def real_text_file(folder: Path, characters: int, name: str = "corpus.txt") -> P
     return path
 
 
+def documents_folder(folder: Path, count: int, characters: int) -> Path:
+    """A corpus of `count` documents of real text, one `characters`-long file each (an EOS between documents)."""
+    text = real_text_file(folder.parent / f"{folder.name}-source", count * characters).read_text()
+    folder.mkdir(parents=True)
+    for index in range(count):
+        (folder / f"doc{index:02d}.txt").write_text(text[characters * index : characters * (index + 1)])
+    return folder
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
