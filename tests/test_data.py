@@ -385,8 +385,14 @@ def test_block_size_larger_than_a_split_says_how_many_tokens_it_has(tmp_path):
         tokenize_corpus(corpus, build_tokenizer("char", ["x"]), block_size=128)
     # 900 + 1 EOS tokens of train fit; validation has 100 characters + 1 EOS.
     assert str(caught.value) == (
-        "block_size 128 is larger than the validation split, which has 101 tokens: use block_size <= 101, "
-        "or more data (a larger corpus or validation_fraction)"
+        "the block size (128 tokens) is longer than the validation split, which has 101 tokens: use --block-size "
+        "101 or less, or more data (a larger corpus, or a larger --validation-fraction)"
+    )
+    with pytest.raises(UserError) as caught:  # a larger validation share would make the train split shorter still
+        tokenize_corpus(corpus, build_tokenizer("char", ["x"]), block_size=1000)
+    assert str(caught.value) == (
+        "the block size (1000 tokens) is longer than the train split, which has 901 tokens: use --block-size "
+        "901 or less, or more data (a larger corpus, or a smaller --validation-fraction)"
     )
 
 

@@ -104,7 +104,10 @@ def test_eval_on_another_corpus_matches_a_direct_computation(tmp_path, capsys):
             ["--dataset", "python-docs", "--split", "test"],
             "--split 'test' is not known; choose one of: validation, train",
         ),
-        (["--dataset", "{corpus}", "--block-size", "5000"], "block_size 5000 is larger than the validation split"),
+        (
+            ["--dataset", "{corpus}", "--block-size", "5000"],
+            "the block size (5000 tokens) is longer than the validation split",
+        ),
         (["--dataset", "python-docs", "--output", "{missing}/e.json"], "its folder does not exist"),
         (["--dataset", "{corpus}", "--block-size", "1"], "--block-size 1 leaves nothing to predict"),
         (["--dataset", "{corpus}", "--stride", "0"], "--stride must be a positive integer, got 0"),

@@ -511,6 +511,6 @@ def test_a_test_text_shorter_than_a_block_is_refused_before_training(tmp_path, c
     options = tiny_options(output_dir, dataset=str(corpus), max_steps=2, test_dataset=str(tmp_path / "short.txt"))
     code, out, err = run_cli(capsys, "train", *as_flags(options))
     assert code == 2
-    assert "block_size 32 is larger than the test split, which has" in error_line(err)
+    assert "the block size (32 tokens) is longer than the test split, which has" in error_line(err)
     assert error_line(err).endswith("or more data (a longer text)")
     assert not output_dir.exists()  # nothing trained, nothing written

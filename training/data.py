@@ -699,10 +699,14 @@ def _tokenize_split(
         raise UserError(f"the {name} split is empty (0 characters of text): point to data that contains text")
     tokens = int(offsets[-1])
     if tokens < job.block_size:
-        more = "a longer text" if name == "test" else "a larger corpus or validation_fraction"
+        more = {
+            "test": "a longer text",
+            "train": "a larger corpus, or a smaller --validation-fraction",
+            "validation": "a larger corpus, or a larger --validation-fraction",
+        }.get(name, "a larger corpus")
         raise UserError(
-            f"block_size {job.block_size} is larger than the {name} split, which has {tokens} tokens: "
-            f"use block_size <= {tokens}, or more data ({more})"
+            f"the block size ({job.block_size} tokens) is longer than the {name} split, which has {tokens} tokens: "
+            f"use --block-size {tokens} or less, or more data ({more})"
         )
     block_count = tokens // job.block_size
     block_indices = Dataset.from_dict({"block": np.arange(block_count, dtype=np.int64)})
