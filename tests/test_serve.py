@@ -33,15 +33,16 @@ def post(url: str, body: dict) -> bytes:
         return response.read()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["hybrid", "gpt2"])
+def server(request, tmp_path_factory):
+    """A served output folder of `hybrid-lm train`: the hybrid, and a GPT-2 baseline (transformers' own class)."""
     from tests.test_train import tiny_options
     from training.arguments import arguments_from_dict
     from training.train import run_training
 
     folder = tmp_path_factory.mktemp("serve") / "model"
     torch.set_num_threads(1)
-    run_training(*arguments_from_dict(tiny_options(folder, max_steps=40)))
+    run_training(*arguments_from_dict(tiny_options(folder, max_steps=40, architecture=request.param)))
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(

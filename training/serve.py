@@ -40,30 +40,42 @@ class ServeArguments:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
 
 
-class ServedCausalLM:
-    """What the server finds under the causal LM's class name: the model, set to sample as the OpenAI API does (at the
-    request's temperature, 1 by default; temperature 0 is greedy). A saved generation_config keeps do_sample off, and
-    the server only ever switches sampling off, so without this every completion would be greedy. An empty prompt
-    starts a new document, as in the OpenAI API and `hybrid-lm generate` (see `served_model_class`)."""
+# The causal LMs this command serves, by the class name config.json's `architectures` gives: the hybrid and the GPT-2
+# baselines `hybrid-lm train` writes.
+SERVED_CAUSAL_LMS = ("HybridRnnLmForCausalLM", "GPT2LMHeadModel")
 
-    @staticmethod
-    def from_pretrained(*args, **kwargs):
-        model = served_model_class().from_pretrained(*args, **kwargs)
-        model.generation_config.do_sample = True
-        return model
+
+def served_loader(class_name: str) -> type:
+    """What the server finds under a causal LM's class name: a loader of that model, set to sample as the OpenAI API
+    does (at the request's temperature, 1 by default; temperature 0 is greedy). A saved generation_config keeps
+    do_sample off, and the server only ever switches sampling off, so without this every completion would be greedy.
+    An empty prompt starts a new document, as in the OpenAI API and `hybrid-lm generate` (see `served_model_class`)."""
+
+    class ServedCausalLM:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            model = served_model_class(class_name).from_pretrained(*args, **kwargs)
+            model.generation_config.do_sample = True
+            return model
+
+    ServedCausalLM.__qualname__ = ServedCausalLM.__name__ = f"Served{class_name}"
+    return ServedCausalLM
 
 
 @functools.cache
-def served_model_class() -> type:
+def served_model_class(class_name: str) -> type:
     """The causal LM whose `generate` reads an empty prompt as the start of a new document: it continues from one EOS
     token (what precedes every document in training) and returns the new tokens alone, so the server's prompt length
     (0) and its streamer (which skips the first tokens it is given, the prompt) see the same thing as for any other
     prompt. A model without an EOS token keeps the model's own error for empty input."""
     import torch
+    from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel  # the class itself, not the served loader
 
     from hybrid_rnn_lm import HybridRnnLmForCausalLM
 
-    class HybridRnnLmServedForCausalLM(HybridRnnLmForCausalLM):
+    base = {"HybridRnnLmForCausalLM": HybridRnnLmForCausalLM, "GPT2LMHeadModel": GPT2LMHeadModel}[class_name]
+
+    class Served(base):
         def generate(self, input_ids=None, attention_mask=None, **kwargs):
             eos = self.generation_config.eos_token_id
             eos = eos[0] if isinstance(eos, list) and eos else eos
@@ -76,11 +88,13 @@ def served_model_class() -> type:
             output.sequences = output.sequences[:, 1:]
             return output
 
-    return HybridRnnLmServedForCausalLM
+    Served.__qualname__ = Served.__name__ = f"{class_name}Served"
+    return Served
 
 
 def make_classes_available() -> list[str]:
-    """Registers this package's model classes as attributes of `transformers`, where the server looks them up."""
+    """Registers this package's model classes as attributes of `transformers`, where the server looks them up, and the
+    served causal LMs (`served_loader`) under their class names."""
     import sys
 
     from transformers.cli.serving import model_manager
@@ -94,7 +108,8 @@ def make_classes_available() -> list[str]:
     for module in modules.values():
         for name in names:
             setattr(module, name, getattr(hybrid_rnn_lm, name))
-        module.HybridRnnLmForCausalLM = ServedCausalLM
+        for name in SERVED_CAUSAL_LMS:
+            setattr(module, name, served_loader(name))
     return names
 
 
