@@ -237,7 +237,7 @@ def throughput_table(args, shapes) -> str:
         precision: matmul_peak_gflops(args.device, precision=precision, **peak_shape) for precision in args.precisions
     }
     peak_text = ", ".join(f"{precision} {peak:.1f}" for precision, peak in peaks.items())
-    if "bf16" in args.precisions and args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if "bf16" in args.precisions and args.cpu_without_bf16:
         peak_text += " (this CPU has no bf16 matrix instructions: bf16 runs in generic code)"
     if args.bf16_left_out:
         peak_text += " (bf16 left out: this CPU has no bf16 matrix instructions; --precisions fp32,bf16 times it)"
@@ -372,9 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is available here; use --device cpu")
-    args.bf16_left_out = False
+    args.cpu_without_bf16 = args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    args.bf16_left_out = args.precisions is None and args.cpu_without_bf16
     if args.precisions is None:
-        args.bf16_left_out = args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
         args.precisions = ["fp32"] if args.bf16_left_out else list(PRECISIONS)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
