@@ -152,6 +152,25 @@ def test_bidirectional_encoder_is_refused_as_a_causal_lm(data, tmp_path, capsys)
         )
 
 
+def test_a_causal_classifier_as_a_language_model_comes_with_a_warning(data, tmp_path, capsys, caplog):
+    """generate / eval on a classifier's folder run its backbone with the tied output layer, and say so."""
+    classifier_dir = tmp_path / "classifier"
+    model, _ = load_classifier(data["model"], ["a", "b"], bidirectional=False, pad_token_id=0)
+    model.save_pretrained(classifier_dir)
+    AutoTokenizer.from_pretrained(data["model"]).save_pretrained(classifier_dir)
+    code, out, err = run_cli(capsys, "generate", "--model", str(classifier_dir), "--prompt", "good", "--greedy")
+    assert code == 0, err
+    warning = (
+        f"{classifier_dir} holds a text classifier (HybridRnnLmForSequenceClassification): its text comes from the "
+        "output layer tied to the input embeddings, which the classification fine-tuning changed; for text, pass the "
+        "language model it was fine-tuned from"
+    )
+    assert warning in caplog.text
+    caplog.clear()
+    code, _, err = run_cli(capsys, "generate", "--model", str(data["model"]), "--prompt", "good", "--greedy")
+    assert code == 0 and "text classifier" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -190,6 +190,14 @@ def test_a_pickle_beside_safetensors_weights_is_never_loaded(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------
 
 
+def drop_tensor(weights: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    del tensors[name]
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def _break(folder: Path, how: str) -> str:
     """Damages a saved model folder as `how` says; returns the start of the error line expected."""
     config_file = folder / "config.json"
@@ -218,6 +226,9 @@ def _break(folder: Path, how: str) -> str:
         config["intermediate_size"] = 2 * config["intermediate_size"]
         config_file.write_text(json.dumps(config))
         return f"error: {folder}: the weights do not fit config.json ("
+    if how == "missing-tensor":  # loading would give the model a random one in its place
+        drop_tensor(weights, "model.layers.0.rnn.out_proj.bias")
+        return f"error: {folder}: the saved weights lack 1 of the model's tensors ("
     if how == "tokenizer-too-large":
         from training.tokenization import build_tokenizer
 
@@ -234,6 +245,7 @@ BROKEN = [
     "truncated-weights",
     "corrupt-weights",
     "shape-mismatch",
+    "missing-tensor",
     "tokenizer-too-large",
 ]
 

@@ -148,6 +148,20 @@ def test_a_folder_that_is_not_a_model_is_one_line(tmp_path, capsys):
     assert "missing" in error_line(err)
 
 
+def test_a_folder_whose_weights_lack_a_tensor_is_refused_before_the_server_starts(tmp_path, capsys):
+    from tests.test_generate_cli import save_tiny_model
+    from tests.test_hardening import drop_tensor
+
+    folder = save_tiny_model(tmp_path / "model")
+    drop_tensor(folder / "model.safetensors", "model.layers.0.rnn.out_proj.bias")
+    code, out, err = run_cli(capsys, "serve", str(folder))
+    assert code == 2 and "serving" not in out
+    assert error_line(err) == (
+        f"error: {folder}: the saved weights lack 1 of the model's tensors (model.layers.0.rnn.out_proj.bias), which "
+        "would start from random values; save the model again"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -25,7 +25,7 @@ from datasets import Dataset
 from training.arguments import arg, check_seed, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, check_tokenizer_fits, parse_command
-from training.model_files import LOCAL_CODE_ONLY
+from training.model_files import LOCAL_CODE_ONLY, refuse_missing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,12 @@ def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_to
         raise UserError(f"{folder}: the weights do not fit config.json ({first}); save the model again") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    new = sorted(set(info["missing_keys"]) | {key for key, *_ in info.get("mismatched_keys", [])})
+    missing = set(info["missing_keys"])
+    # The classification head is new; so are a bidirectional encoder's reverse-direction weights.
+    refuse_missing_weights(
+        folder, {key for key in missing if not (key.startswith("score.") or (bidirectional and "_reverse" in key))}
+    )
+    new = sorted(missing | {key for key, *_ in info.get("mismatched_keys", [])})
     if bidirectional:
         keep_forward_columns(model, folder)
         logger.warning(

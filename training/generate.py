@@ -6,7 +6,7 @@ left-padded batches and prints each prompt's samples at the end. Prompts are enc
 document in training. The same `--seed` gives the same text.
 
 This module also holds what the other commands that read a saved model share: `load_model_and_tokenizer`,
-`check_model_folder` and `parse_command`.
+`load_pretrained`, `check_model_folder` and `parse_command`.
 """
 
 import argparse
@@ -22,7 +22,7 @@ from transformers import logging as transformers_logging
 
 from training.arguments import CommandParser, arg, check_seed, check_types
 from training.errors import UserError
-from training.model_files import LOCAL_CODE_ONLY, check_safetensors, weight_files
+from training.model_files import LOCAL_CODE_ONLY, check_safetensors, refuse_missing_weights, weight_files
 from training.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,30 @@ def load_model_and_tokenizer(
             f"{folder} holds a bidirectional encoder (config.bidirectional=True), which sees the future and cannot "
             "generate or score text left to right; pass a causal language model folder"
         )
+    classifiers = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    if model_class is AutoModelForCausalLM and classifiers:
+        logger.warning(
+            "%s holds a text classifier (%s): its text comes from the output layer tied to the input embeddings, "
+            "which the classification fine-tuning changed; for text, pass the language model it was fine-tuned from",
+            folder,
+            classifiers[0],
+        )
+    model = load_pretrained(folder, model_class, **model_kwargs)
+    tokenizer = build_tokenizer(str(folder))
+    check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
+    return model.eval(), tokenizer
+
+
+def load_pretrained(folder: Path, model_class=AutoModelForCausalLM, **model_kwargs) -> PreTrainedModel:
+    """`model_class.from_pretrained(folder)`, quietly; weights that do not fit, or that lack a tensor the model needs,
+    are a one-line UserError. `device_map="meta"` checks a folder without reading its weights."""
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
     try:
-        model = model_class.from_pretrained(folder, use_safetensors=True, **LOCAL_CODE_ONLY, **model_kwargs)
+        model, info = model_class.from_pretrained(
+            folder, use_safetensors=True, output_loading_info=True, **LOCAL_CODE_ONLY, **model_kwargs
+        )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(
             f"{folder}: the weights do not fit config.json ({_first_line(error)}); save the model again"
@@ -118,9 +137,8 @@ def load_model_and_tokenizer(
         transformers_logging.set_verbosity(verbosity)
         if bars:
             transformers_logging.enable_progress_bar()
-    tokenizer = build_tokenizer(str(folder))
-    check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
-    return model.eval(), tokenizer
+    refuse_missing_weights(folder, info["missing_keys"])
+    return model
 
 
 def check_tokenizer_fits(folder: Path, tokenizer, vocab_size: int) -> None:

@@ -61,3 +61,14 @@ def check_safetensors(path: Path) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def refuse_missing_weights(folder: Path, missing) -> None:
+    """A tensor the saved weights lack would start from random values: a model that silently is not the saved one."""
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(
+            f"{folder}: the saved weights lack {len(names)} of the model's tensors ({shown}), which would start from "
+            "random values; save the model again"
+        )
