@@ -128,14 +128,14 @@ def test_bpe_vocab_size_too_small_names_the_minimum():
     with pytest.raises(UserError) as caught:
         build_tokenizer("bpe", ["some text"], vocab_size=100)
     message = str(caught.value)
-    assert "vocab_size 100 is too small for a byte-level BPE tokenizer" in message
+    assert "--vocab-size 100 is too small for a byte-level BPE tokenizer" in message
     assert "at least 259 (256 byte symbols + 3 special tokens)" in message
-    assert "pass vocab_size >= 259" in message
+    assert "pass --vocab-size 259 or more" in message
     assert len(build_tokenizer("bpe", ["some text"], vocab_size=259)) == 259  # the minimum itself works
 
 
 def test_char_vocab_size_too_small_names_the_minimum():
-    with pytest.raises(UserError, match=r"vocab_size 4 is too small for a char tokenizer: it needs at least 5"):
+    with pytest.raises(UserError, match=r"--vocab-size 4 is too small for a char tokenizer: it needs at least 5"):
         build_tokenizer("char", ["abc"], vocab_size=4)
 
 

@@ -87,8 +87,8 @@ def _wrap(backend: Tokenizer, model_max_length: int, **special_tokens: str) -> P
 def _check_vocab_cap(kind: str, vocab_size: int | None, specials: list[str], unit: str) -> None:
     if vocab_size is not None and vocab_size <= len(specials):
         raise UserError(
-            f"vocab_size {vocab_size} is too small for a {kind} tokenizer: it needs at least {len(specials) + 1} "
-            f"({len(specials)} special tokens + 1 {unit}); pass a larger vocab_size or leave it unset"
+            f"--vocab-size {vocab_size} is too small for a {kind} tokenizer: it needs at least {len(specials) + 1} "
+            f"({len(specials)} special tokens + 1 {unit}); pass a larger --vocab-size or leave it unset"
         )
 
 
@@ -151,9 +151,9 @@ def _build_bpe_tokenizer(
     minimum = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise UserError(
-            f"vocab_size {vocab_size} is too small for a byte-level BPE tokenizer: it needs at least {minimum} "
+            f"--vocab-size {vocab_size} is too small for a byte-level BPE tokenizer: it needs at least {minimum} "
             f"({BYTE_ALPHABET_SIZE} byte symbols + {len(SPECIAL_TOKENS)} special tokens); "
-            f"pass vocab_size >= {minimum} (e.g. {DEFAULT_BPE_VOCAB_SIZE})"
+            f"pass --vocab-size {minimum} or more (e.g. {DEFAULT_BPE_VOCAB_SIZE})"
         )
     backend = _lowercase(Tokenizer(models.BPE()), lowercase)
     # No prefix space: encoding must not change the text, so decode(encode(text)) == text byte for byte.
