@@ -139,6 +139,35 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert not (tmp_path / "missing").exists()
 
 
+def test_an_output_file_is_replaced_only_when_it_holds_a_previous_result(tmp_path, capsys):
+    """Results go over an earlier eval's results; any other existing file (another model's config.json, notes) stays."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    other_dir = save_tiny_model(tmp_path / "other")
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("Speak, speak.\n" * 40)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for target in (other_dir / "config.json", notes):
+        before = target.read_bytes()
+        code, out, err = run_cli(
+            capsys, "eval", "--model", str(model_dir), "--dataset", str(corpus), "--output", str(target)
+        )
+        assert code == 2 and "perplexity" not in out
+        assert error_line(err) == (
+            f"error: --output {target} exists and is not the result of a previous `hybrid-lm eval`, which alone is "
+            "replaced; pick a new file, or move that one away first"
+        )
+        assert target.read_bytes() == before
+    results = tmp_path / "eval.json"
+    for block_size in ("16", "8"):  # the second run replaces the first one's results
+        code, _, err = run_cli(
+            capsys, "eval", "--model", str(model_dir), "--dataset", str(corpus), "--output", str(results),
+            "--block-size", block_size,
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads(results.read_text())["block_size"] == int(block_size)
+
+
 @pytest.mark.parametrize(
     ("output", "message"),
     [

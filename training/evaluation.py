@@ -285,6 +285,22 @@ def check_output(path: str, model_folder: str) -> None:
             f"--output {path} would replace the evaluated model's own {target.name}; pick another file, e.g. "
             f"{target.parent / 'eval.json'}"
         )
+    if target.exists() and not is_eval_result(target):
+        raise UserError(
+            f"--output {path} exists and is not the result of a previous `hybrid-lm eval`, which alone is replaced; "
+            "pick a new file, or move that one away first"
+        )
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether a file holds what `hybrid-lm eval --output` writes (a JSON object with its keys)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1_000_000:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"model", "dataset", "split", "block_size", "loss"} <= data.keys()
 
 
 def main(argv: list[str]) -> int:
