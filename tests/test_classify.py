@@ -96,6 +96,43 @@ def test_finetuned_classifier_beats_the_majority_baseline(data, tmp_path, capsys
     if bidirectional:
         assert "model.layers.0.rnn.rnn.weight_hh_l0_reverse" in caplog.text  # the log names the new weights
         assert "model.layers.0.rnn.rnn.weight_hh_l0_reverse" in results["new_weights"]
+    check_classifier_card(output_dir, results, validation, bidirectional)
+
+
+def check_classifier_card(folder: Path, results: dict, validation: list[dict], bidirectional: bool) -> None:
+    """The folder's README.md is a classifier's card, and its snippet, run as written where the package cannot be
+    imported, classifies the card's example as the model does."""
+    from huggingface_hub import ModelCard
+
+    from tests.isolation import run_without_package
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and "text-classification" in card.data.tags
+    assert "2 labels: `negative`, `positive`" in card.text
+    assert ("in both directions" in card.text) is bidirectional
+    accuracy = f"| Validation accuracy | {results['validation_accuracy']:.4f} |"
+    baseline = f"| Majority-label baseline (always `positive`) | {results['majority_baseline_accuracy']:.4f} |"
+    assert accuracy in card.text and baseline in card.text
+    assert f"| Training examples | {results['train_examples']:,} |" in card.text
+    assert f"language model `{Path(results['model']).name}`" in card.text
+    assert results["example"] == validation[0]["text"]
+    snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = (
+        "import contextlib, io, json\n"
+        "printed = io.StringIO()\n"
+        "with contextlib.redirect_stdout(printed):\n"
+        + "".join(f"    {line}\n" for line in snippet.splitlines())
+        + "print(json.dumps({'printed': printed.getvalue()}))\n"
+    )
+    printed = run_without_package(code, cwd=folder.parent)["printed"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(results["example"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        probabilities = model(input_ids=ids).logits.softmax(-1)[0]
+    label = model.config.id2label[int(probabilities.argmax())]
+    assert printed.startswith(f"[{{'label': '{label}', 'score': ") and printed.strip().endswith("}]"), printed
+    score = float(printed.split("'score': ")[1].split("}")[0])
+    assert score == pytest.approx(float(probabilities.max()), abs=1e-5)
 
 
 def lm_state(data) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ TEMPLATE_PATHS = (
     Path(__file__).resolve().parents[1] / "model_cards" / "template.md",
     Path(__file__).resolve().parent / "templates" / "model_card.md",
 )
+CLASSIFIER_TEMPLATE = Path(__file__).resolve().parent / "templates" / "classifier_card.md"
 DEFAULT_LICENSE = "apache-2.0"
 # Used when the installed distribution's metadata cannot be read (e.g. running from a source checkout).
 TRANSFORMERS_REQUIREMENT = ">=5.25,<6"
@@ -82,10 +83,14 @@ class DatasetInfo:
 def read_run(folder: str | os.PathLike) -> RunFiles:
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass the output folder of `hybrid-lm train`")
+        raise UserError(
+            f"{folder} is not a folder; pass the output folder of `hybrid-lm train` or `finetune-classify`"
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{folder} has no config.json; pass the output folder of `hybrid-lm train`")
+        raise UserError(
+            f"{folder} has no config.json; pass the output folder of `hybrid-lm train` or `finetune-classify`"
+        )
     run = RunFiles(folder=folder, config=_read_json(config_path))
     if (folder / "results.json").is_file():
         run.results = _read_json(folder / "results.json")
@@ -386,8 +391,11 @@ def is_generated(readme: Path) -> bool:
 
 
 def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "main", license: str = DEFAULT_LICENSE):
-    """The `ModelCard` of a run (not written anywhere)."""
+    """The `ModelCard` of a run (not written anywhere); a classifier's folder gets a classifier's card."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    if classifier_class(run.config):
+        return render_classifier_card(run, repo_id=repo_id, revision=revision, license=license)
 
     dataset = describe_dataset(run)
     model_name = repo_id.split("/")[-1] if repo_id else run.folder.resolve().name
@@ -456,6 +464,88 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
         "tokenizer_kind": tokenizer_kind,
     }
     return ModelCard.from_template(card_data, template_path=str(template_path()), **template_kwargs)
+
+
+def classifier_class(config: dict) -> str | None:
+    """The sequence-classification class a folder's config.json names (`hybrid-lm finetune-classify` writes one)."""
+    return next(
+        (name for name in config.get("architectures") or [] if name.endswith("ForSequenceClassification")), None
+    )
+
+
+def render_classifier_card(run: RunFiles, *, repo_id: str | None, revision: str, license: str):
+    """The card of a `hybrid-lm finetune-classify` output folder: labels, how it reads a text, the pipeline snippet,
+    what it was fine-tuned from and on, and its validation accuracy against the majority label."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config, results = run.config, run.results or {}
+    class_name = classifier_class(config)
+    model_name = repo_id.split("/")[-1] if repo_id else run.folder.resolve().name
+    hybrid = config.get("model_type") != "gpt2"
+    id2label = config.get("id2label") or {}
+    labels = results.get("labels") or [id2label[key] for key in sorted(id2label, key=int)]
+    reading = (
+        "the whole text in both directions (a bidirectional encoder: recurrence both ways, non-causal attention)"
+        if config.get("bidirectional")
+        else "the text left to right"
+    )
+    rows = [
+        ("Task", f"text classification (`{class_name}`), {len(labels)} labels: {', '.join(f'`{x}`' for x in labels)}"),
+        ("Reads", f"{reading}; the label comes from the hidden state at its last token"),
+    ]
+    skipped = ("Architecture", "Tied input/output embeddings")
+    rows += [row for row in architecture_rows(run) if row[0] not in skipped]
+    base = Path(str(results["model"])).name if results.get("model") else None
+    new_weights = results.get("new_weights") or []
+    count = len(new_weights)
+    new = f"{count} new tensors" if count != 1 else "1 new tensor"
+    what = "the `score` head that maps the last token's hidden state to the labels" + (
+        ", and the reverse-direction weights" if config.get("bidirectional") else ""
+    )
+    fine_tuning = (
+        f"Fine-tuned with `hybrid-lm finetune-classify` from the {'hybrid' if hybrid else 'GPT-2'} language model "
+        f"`{base or 'unknown'}`: its blocks and embeddings start from that model's weights, and {new} ({what}) "
+        f"start{'s' if count == 1 else ''} from random values. Every weight is trained."
+    )
+    training_rows = [("Base language model", f"`{base}`")] if base else []
+    for name, key in (("Training examples", "train_examples"), ("Validation examples", "validation_examples")):
+        if results.get(key) is not None:
+            training_rows.append((name, f"{results[key]:,}"))
+    if results.get("epochs") is not None:
+        training_rows.append(("Epochs", f"{results['epochs']:g}"))
+    result_rows = []
+    if results.get("validation_accuracy") is not None:
+        result_rows.append(("Validation accuracy", _num(results["validation_accuracy"])))
+        if results.get("majority_baseline_accuracy") is not None:
+            majority = f" (always `{results['majority_label']}`)" if results.get("majority_label") else ""
+            result_rows.append((f"Majority-label baseline{majority}", _num(results["majority_baseline_accuracy"])))
+        if results.get("validation_loss") is not None:
+            result_rows.append(("Validation loss (cross-entropy)", _num(results["validation_loss"])))
+    tags = ["hybrid-rnn-lm", "text-classification"]
+    tags += [config["rnn_type"], "recurrent"] if hybrid and config.get("rnn_type") else ["gpt2"]
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-classification", license=license, tags=tags
+    )
+    template_kwargs = {
+        "generated_marker": GENERATED_MARKER,
+        "model_name": model_name,
+        "summary": (
+            f"A text classifier ({', '.join(f'`{x}`' for x in labels)}) fine-tuned from a "
+            f"{'hybrid recurrent + attention' if hybrid else 'GPT-2'} language model with `hybrid-lm finetune-classify`."
+        ),
+        "architecture_rows": rows,
+        "requires_remote_code": hybrid,
+        "remote_code_files": sorted({ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values()}),
+        "transformers_requirement": transformers_requirement(),
+        "repo_id": repo_id,
+        "revision": revision,
+        "local_path": run.folder.name,
+        "example_text": results.get("example") or "Some text to classify.",
+        "fine_tuning": fine_tuning,
+        "training_rows": training_rows,
+        "result_rows": result_rows,
+    }
+    return ModelCard.from_template(card_data, template_path=str(CLASSIFIER_TEMPLATE), **template_kwargs)
 
 
 def template_path() -> Path:
@@ -554,7 +644,7 @@ def main(argv: list[str]) -> int:
     parser = OneLineArgumentParser(
         prog="hybrid-lm card", description="(Re)render README.md, the model card of a training output folder."
     )
-    parser.add_argument("folder", help="output folder of `hybrid-lm train`")
+    parser.add_argument("folder", help="output folder of `hybrid-lm train` or `hybrid-lm finetune-classify`")
     parser.add_argument("--repo-id", help="Hub repository id the load snippet uses (default: the local folder)")
     parser.add_argument("--revision", default="main", help="branch or commit the load snippet pins (default: main)")
     parser.add_argument("--license", help=f"Hub license id (default: the current card's, else {DEFAULT_LICENSE})")

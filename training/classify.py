@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset
 
 from training.arguments import arg, check_seed, check_types
+from training.card import write_card
 from training.errors import UserError
 from training.generate import check_model_folder, check_tokenizer_fits, parse_command
 from training.model_files import LOCAL_CODE_ONLY, refuse_missing_weights
@@ -349,6 +350,7 @@ def finetune(args: ClassifyArguments) -> dict:
             "majority_label": majority_label,
             "majority_baseline_accuracy": baseline,
             "new_weights": new_weights,
+            "example": data.validation[0]["text"][:200],  # the model card's usage example
             "log_history": trainer.state.log_history,
         }
         shutil.rmtree(staging / "trainer", ignore_errors=True)
@@ -358,6 +360,7 @@ def finetune(args: ClassifyArguments) -> dict:
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging / "classifier", output_dir)
+    write_card(output_dir)  # README.md, the classifier's model card (`hybrid-lm push` uploads it)
     return results
 
 

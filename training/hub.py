@@ -248,7 +248,7 @@ def main(argv: list[str]) -> int:
             "or pickles). Authenticate with `hf auth login` or HF_TOKEN."
         ),
     )
-    parser.add_argument("folder", help="output folder of `hybrid-lm train`")
+    parser.add_argument("folder", help="output folder of `hybrid-lm train` or `hybrid-lm finetune-classify`")
     parser.add_argument("--repo-id", required=True, help="'namespace/name' (or 'name' for your own namespace)")
     parser.add_argument("--private", action="store_true", help="create the repository private (new ones only)")
     parser.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
