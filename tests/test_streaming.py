@@ -56,15 +56,16 @@ def peak_memory_mb(tmp_path: Path, corpus: Path, name: str, **options) -> tuple[
 @pytest.mark.xdist_group("memory")
 @pytest.mark.parametrize("carry_state", [False, True], ids=["blocks", "carry-state"])
 def test_memory_stays_flat_when_the_corpus_grows_fourfold(tmp_path, carry_state):
-    """5 MB and 20 MB of text: as token ids in memory the larger would need 60 MB (int32) more than the smaller; a
-    streamed run reads both in one pass (tokenizer, then training) and its peak memory does not follow the corpus."""
-    small = write_corpus(tmp_path / "small", 5)
-    large = write_corpus(tmp_path / "large", 20)
+    """2 MB and 80 MB of text: as token ids in memory the larger would need 312 MB (int32) more than the smaller; a
+    streamed run reads both in one pass (tokenizer, then training) and its peak memory does not follow the corpus.
+    The peak of two runs of one corpus differs by up to about 30 MB here, hence the wide gap between the sizes."""
+    small = write_corpus(tmp_path / "small", 2)
+    large = write_corpus(tmp_path / "large", 80)
     small_mb, small_results = peak_memory_mb(tmp_path, small, "run-small", carry_state=carry_state)
     large_mb, large_results = peak_memory_mb(tmp_path, large, "run-large", carry_state=carry_state)
     assert small_results["steps"] == large_results["steps"] == 20
-    assert large_mb - small_mb < 16, (small_mb, large_mb)
-    print(f"peak memory: {small_mb:.0f} MB (5 MB corpus), {large_mb:.0f} MB (20 MB corpus)")
+    assert large_mb - small_mb < 100, (small_mb, large_mb)
+    print(f"peak memory: {small_mb:.0f} MB (2 MB corpus), {large_mb:.0f} MB (80 MB corpus)")
 
 
 def test_a_dataset_repository_streams_into_training(tmp_path, dataset_repository):  # noqa: F811 (the fixture)
