@@ -53,7 +53,9 @@ class EvalArguments:
     block_size: int | None = arg(None, f"tokens per sequence; unset = the run's, else {DEFAULT_BLOCK_SIZE}")
     batch_size: int | None = arg(None, f"sequences per batch; unset = the run's, else {DEFAULT_BATCH_SIZE}")
     max_batches: int | None = arg(None, "evaluate only the first this many batches; unset or 0 = the whole split")
-    output: str | None = arg(None, "also write the results as JSON to this file")
+    output: str | None = arg(
+        None, "also write the results as JSON to this file (an existing file only if it holds earlier eval results)"
+    )
     stride: int | None = arg(
         None,
         "also read the split as overlapping windows of --block-size tokens, this many apart, each token scored once "
