@@ -206,6 +206,12 @@ def test_a_causal_classifier_as_a_language_model_comes_with_a_warning(data, tmp_
     caplog.clear()
     code, _, err = run_cli(capsys, "generate", "--model", str(data["model"]), "--prompt", "good", "--greedy")
     assert code == 0 and "text classifier" not in caplog.text
+    # Saved from Python, without finetune-classify's results.json: still a classifier's card, which says so.
+    code, _, err = run_cli(capsys, "card", str(classifier_dir))
+    assert code == 0, err
+    card = (classifier_dir / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "2 labels: `a`, `b`" in card
+    assert "holds no record of its fine-tuning" in card and "No evaluation results were recorded" in card
 
 
 @pytest.mark.parametrize(

@@ -504,8 +504,10 @@ def render_classifier_card(run: RunFiles, *, repo_id: str | None, revision: str,
     )
     fine_tuning = (
         f"Fine-tuned with `hybrid-lm finetune-classify` from the {'hybrid' if hybrid else 'GPT-2'} language model "
-        f"`{base or 'unknown'}`: its blocks and embeddings start from that model's weights, and {new} ({what}) "
+        f"`{base}`: its blocks and embeddings start from that model's weights, and {new} ({what}) "
         f"start{'s' if count == 1 else ''} from random values. Every weight is trained."
+        if base
+        else "This folder holds no record of its fine-tuning (the results.json `hybrid-lm finetune-classify` writes)."
     )
     training_rows = [("Base language model", f"`{base}`")] if base else []
     for name, key in (("Training examples", "train_examples"), ("Validation examples", "validation_examples")):
