@@ -373,7 +373,7 @@ def test_missing_text_column_names_the_available_columns(tmp_path):
     with pytest.raises(UserError) as caught:
         load_corpus(str(source), cache_dir=tmp_path / "cache")
     assert str(caught.value) == (
-        f"{source} has no column 'text'; its columns are: content, id; pass the one holding the text as the text column"
+        f"{source} has no column 'text'; its columns are: content, id; pass the one holding the text with --text-column"
     )
 
 

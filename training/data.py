@@ -313,7 +313,7 @@ def _text_only(split: Split, text_column: str, where: str) -> Split:
     if text_column not in columns:
         raise UserError(
             f"{where} has no column {text_column!r}; its columns are: {', '.join(columns) or '(none)'}; "
-            "pass the one holding the text as the text column"
+            "pass the one holding the text with --text-column"
         )
     split = split.select_columns([text_column])
     return split if text_column == "text" else split.rename_column(text_column, "text")
