@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import yaml
 
 from training.errors import UserError
+from training.model_files import classifier_class
 
 # The source checkout's template; an installed wheel carries a copy as package data (training/templates/).
 TEMPLATE_PATHS = (
@@ -394,7 +395,7 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
     """The `ModelCard` of a run (not written anywhere); a classifier's folder gets a classifier's card."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    if classifier_class(run.config):
+    if classifier_class(run.config.get("architectures")):
         return render_classifier_card(run, repo_id=repo_id, revision=revision, license=license)
 
     dataset = describe_dataset(run)
@@ -466,20 +467,13 @@ def render_card(run: RunFiles, *, repo_id: str | None = None, revision: str = "m
     return ModelCard.from_template(card_data, template_path=str(template_path()), **template_kwargs)
 
 
-def classifier_class(config: dict) -> str | None:
-    """The sequence-classification class a folder's config.json names (`hybrid-lm finetune-classify` writes one)."""
-    return next(
-        (name for name in config.get("architectures") or [] if name.endswith("ForSequenceClassification")), None
-    )
-
-
 def render_classifier_card(run: RunFiles, *, repo_id: str | None, revision: str, license: str):
     """The card of a `hybrid-lm finetune-classify` output folder: labels, how it reads a text, the pipeline snippet,
     what it was fine-tuned from and on, and its validation accuracy against the majority label."""
     from huggingface_hub import ModelCard, ModelCardData
 
     config, results = run.config, run.results or {}
-    class_name = classifier_class(config)
+    class_name = classifier_class(config.get("architectures"))
     model_name = repo_id.split("/")[-1] if repo_id else run.folder.resolve().name
     hybrid = config.get("model_type") != "gpt2"
     id2label = config.get("id2label") or {}

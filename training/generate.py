@@ -22,7 +22,13 @@ from transformers import logging as transformers_logging
 
 from training.arguments import CommandParser, arg, check_seed, check_types
 from training.errors import UserError
-from training.model_files import LOCAL_CODE_ONLY, check_safetensors, refuse_missing_weights, weight_files
+from training.model_files import (
+    LOCAL_CODE_ONLY,
+    check_safetensors,
+    classifier_class,
+    refuse_missing_weights,
+    weight_files,
+)
 from training.tokenization import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -105,13 +111,13 @@ def load_model_and_tokenizer(
             f"{folder} holds a bidirectional encoder (config.bidirectional=True), which sees the future and cannot "
             "generate or score text left to right; pass a causal language model folder"
         )
-    classifiers = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
-    if model_class is AutoModelForCausalLM and classifiers:
+    classifier = classifier_class(config.architectures)
+    if model_class is AutoModelForCausalLM and classifier:
         logger.warning(
             "%s holds a text classifier (%s): its text comes from the output layer tied to the input embeddings, "
             "which the classification fine-tuning changed; for text, pass the language model it was fine-tuned from",
             folder,
-            classifiers[0],
+            classifier,
         )
     model = load_pretrained(folder, model_class, **model_kwargs)
     tokenizer = build_tokenizer(str(folder))

@@ -72,3 +72,9 @@ def refuse_missing_weights(folder: Path, missing) -> None:
             f"{folder}: the saved weights lack {len(names)} of the model's tensors ({shown}), which would start from "
             "random values; save the model again"
         )
+
+
+def classifier_class(architectures) -> str | None:
+    """The sequence-classification class among config.json's `architectures` (`hybrid-lm finetune-classify` writes
+    one), or None."""
+    return next((name for name in architectures or [] if name.endswith("ForSequenceClassification")), None)
