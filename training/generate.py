@@ -6,7 +6,7 @@ left-padded batches and prints each prompt's samples at the end. Prompts are enc
 document in training. The same `--seed` gives the same text.
 
 This module also holds what the other commands that read a saved model share: `load_model_and_tokenizer`,
-`load_pretrained`, `check_model_folder` and `parse_command`.
+`check_model_folder` and `parse_command`.
 """
 
 import argparse
@@ -103,7 +103,8 @@ def check_model_folder(path: str | Path) -> Path:
 def load_model_and_tokenizer(
     path: str | Path, model_class=AutoModelForCausalLM, **model_kwargs
 ) -> tuple[PreTrainedModel, object]:
-    """A saved model (eval mode) and the tokenizer saved beside it; a causal LM refuses a bidirectional encoder."""
+    """A saved model (eval mode) and the tokenizer saved beside it; a causal LM refuses a bidirectional encoder.
+    `device_map="meta"` runs every check without reading a weight."""
     folder = check_model_folder(path)
     config = AutoConfig.from_pretrained(folder)
     if model_class is AutoModelForCausalLM and getattr(config, "bidirectional", False):
@@ -127,7 +128,7 @@ def load_model_and_tokenizer(
 
 def load_pretrained(folder: Path, model_class=AutoModelForCausalLM, **model_kwargs) -> PreTrainedModel:
     """`model_class.from_pretrained(folder)`, quietly; weights that do not fit, or that lack a tensor the model needs,
-    are a one-line UserError. `device_map="meta"` checks a folder without reading its weights."""
+    are a one-line UserError."""
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from training.arguments import arg, check_seed, check_types
 from training.errors import UserError
-from training.generate import check_model_folder, load_pretrained, parse_command
+from training.generate import check_model_folder, load_model_and_tokenizer, parse_command
 
 
 @dataclass
@@ -120,9 +120,9 @@ def main(argv: list[str]) -> int:
         ServeArguments, argv, "hybrid-lm serve", "Serve a saved model over an OpenAI-compatible HTTP API."
     )
     folder = check_model_folder(args.model)
-    from transformers import AutoModelForCausalLM
-
-    load_pretrained(folder, AutoModelForCausalLM, device_map="meta")  # the weights fit: checked without reading them
+    # The checks of every command that reads a model (a causal LM, whole weights, a tokenizer that fits), on the meta
+    # device: no weight is read here; the server loads the model in a process of its own.
+    load_model_and_tokenizer(folder, device_map="meta")
     from transformers.utils import is_serve_available
 
     if not is_serve_available():
