@@ -180,7 +180,7 @@ def test_bidirectional_encoder_is_refused_as_a_causal_lm(data, tmp_path, capsys)
     AutoTokenizer.from_pretrained(data["model"]).save_pretrained(encoder_dir)
     with pytest.raises(ValueError, match="bidirectional=True cannot be used for a causal language model"):
         AutoModelForCausalLM.from_pretrained(encoder_dir)
-    for command in (["generate", "--prompt", "good"], ["eval", "--dataset", str(data["train"])]):
+    for command in (["generate", "--prompt", "good"], ["eval", "--dataset", str(data["train"])], ["serve"]):
         code, _, err = run_cli(capsys, command[0], "--model", str(encoder_dir), *command[1:])
         assert code == 2
         assert error_line(err) == (
