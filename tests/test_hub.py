@@ -4,6 +4,7 @@ Checks the exact file set of the commit, that a snapshot of it loads with trust_
 cannot be imported and generates what the original generates, and the one-line errors.
 """
 
+import json
 import os
 import re
 import shutil
@@ -190,6 +191,55 @@ def test_the_cards_snippet_runs_as_written_against_the_hub_at_a_pinned_commit(pu
     assert loaded["module"].startswith("transformers_modules.") and loaded["length"] > 8
     fetched = {path for method, path in pushed.hub.requests[first_request:] if method == "GET" and "/resolve/" in path}
     assert f"/tester/tiny-gru/resolve/{commit.oid}/modeling_hybrid_rnn_lm.py" in fetched
+
+
+def test_a_pushed_classifier_has_a_classifiers_card_whose_snippet_classifies_as_the_local_model(
+    run_folder, hub, tmp_path, capsys
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.test_generate_cli import run_cli as run_in_process
+
+    examples = tmp_path / "reviews.csv"
+    examples.write_text(
+        "text,label\n" + "".join(f"a good film {i},good\nsuch a bad film {i},bad\n" for i in range(20))
+    )
+    classifier = tmp_path / "tiny-classifier"
+    arguments = [
+        "--model",
+        str(run_folder),
+        "--train",
+        str(examples),
+        "--output-dir",
+        str(classifier),
+        "--epochs",
+        "1",
+    ]
+    code, _, err = run_in_process(capsys, "finetune-classify", *arguments)
+    assert code == 0, err
+    env = hub.client_env(tmp_path / "hf-home")
+    result = run_cli(["push", str(classifier), "--repo-id", "tester/tiny-classifier"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (commit,) = hub.commits
+    accuracy = json.loads((classifier / "results.json").read_text())["validation_accuracy"]
+    assert commit.summary == f"Upload text classifier fine-tuned with hybrid-lm (validation accuracy {accuracy:.4f})"
+    readme = commit.files["README.md"].decode()
+    assert "pipeline_tag: text-classification" in readme and 'repo_id = "tester/tiny-classifier"' in readme
+    assert {"results.json", "loss_curve.png"}.isdisjoint(commit.files) and "model.safetensors" in commit.files
+
+    snippet = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+    snippet = snippet.replace('revision = "main"', f'revision = "{commit.oid}"')
+    code = "import contextlib, io, json\nprinted = io.StringIO()\nwith contextlib.redirect_stdout(printed):\n"
+    code += "".join(f"    {line}\n" for line in snippet.splitlines())
+    code += "print(json.dumps({'printed': printed.getvalue()}))\n"
+    env = {**client_env(env), "HF_HOME": str(tmp_path / "fresh-cache"), "HF_HUB_OFFLINE": "0"}
+    printed = run_without_package(code, cwd=tmp_path, env=env)["printed"]
+    model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
+    example = json.loads((classifier / "results.json").read_text())["example"]
+    ids = AutoTokenizer.from_pretrained(classifier)(example, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        label = model.config.id2label[int(model(input_ids=ids).logits.argmax())]
+    assert printed.startswith(f"[{{'label': '{label}', 'score': "), printed
 
 
 def test_push_to_a_new_branch_of_a_private_repo_then_a_hand_edited_card_is_pushed_as_is(folder, hub, tmp_path):

@@ -234,6 +234,8 @@ def check_card_metadata(readme: Path) -> None:
 
 def _default_commit_message(folder: Path) -> str:
     results = read_run(folder).results or {}
+    if results.get("validation_accuracy") is not None:  # a finetune-classify folder
+        return f"Upload text classifier fine-tuned with hybrid-lm (validation accuracy {results['validation_accuracy']:.4f})"
     if results.get("best_val_loss") is not None:
         return f"Upload model trained with hybrid-lm (validation loss {results['best_val_loss']:.4f})"
     return "Upload model trained with hybrid-lm"
