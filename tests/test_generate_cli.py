@@ -253,3 +253,11 @@ def test_the_commands_load_models_without_hub_kernels(model_dir, monkeypatch):
     monkeypatch.setenv("USE_HUB_KERNELS", "YES")  # a choice the user made stays
     loader.load_model_and_processor(str(model_dir))
     assert seen == ["NO", "YES"]
+    # The loader registered the package's classes with transformers and replaced none of transformers' own.
+    import transformers
+    from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
+
+    from hybrid_rnn_lm import HybridRnnLmForCausalLM
+
+    assert transformers.GPT2LMHeadModel is GPT2LMHeadModel
+    assert transformers.HybridRnnLmForCausalLM is HybridRnnLmForCausalLM

@@ -13,7 +13,6 @@ process and in the model's (through its loader), and runs the same server with t
 Needs the serving extras: pip install 'transformers[serving]'.
 """
 
-import functools
 from dataclasses import dataclass
 
 from training.arguments import arg, check_seed, check_types
@@ -40,61 +39,41 @@ class ServeArguments:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
 
 
-# The causal LMs this command serves, by the class name config.json's `architectures` gives: the hybrid and the GPT-2
-# baselines `hybrid-lm train` writes.
-SERVED_CAUSAL_LMS = ("HybridRnnLmForCausalLM", "GPT2LMHeadModel")
+def prepare_for_serving(model):
+    """The loaded model as the server runs it (`training.serve_loader` calls this on every model it loads).
 
-
-def served_loader(class_name: str) -> type:
-    """What the server finds under a causal LM's class name: a loader of that model, set to sample as the OpenAI API
-    does (at the request's temperature, 1 by default; temperature 0 is greedy). A saved generation_config keeps
-    do_sample off, and the server only ever switches sampling off, so without this every completion would be greedy.
-    An empty prompt starts a new document, as in the OpenAI API and `hybrid-lm generate` (see `served_model_class`)."""
-
-    class ServedCausalLM:
-        @staticmethod
-        def from_pretrained(*args, **kwargs):
-            model = served_model_class(class_name).from_pretrained(*args, **kwargs)
-            model.generation_config.do_sample = True
-            return model
-
-    ServedCausalLM.__qualname__ = ServedCausalLM.__name__ = f"Served{class_name}"
-    return ServedCausalLM
-
-
-@functools.cache
-def served_model_class(class_name: str) -> type:
-    """The causal LM whose `generate` reads an empty prompt as the start of a new document: it continues from one EOS
-    token (what precedes every document in training) and returns the new tokens alone, so the server's prompt length
-    (0) and its streamer (which skips the first tokens it is given, the prompt) see the same thing as for any other
-    prompt. A model without an EOS token keeps the model's own error for empty input."""
+    It samples as the OpenAI API does (at the request's temperature, 1 by default; temperature 0 is greedy): a saved
+    generation_config keeps do_sample off, and the server only ever switches sampling off, so without this every
+    completion would be greedy. An empty prompt starts a new document, as in the OpenAI API and `hybrid-lm generate`:
+    `generate` continues from one EOS token (what precedes every document in training) and returns the new tokens
+    alone, so the server's prompt length (0) and its streamer (which skips the first tokens it is given, the prompt)
+    see the same thing as for any other prompt. A model without an EOS token keeps its own error for empty input.
+    Only this instance changes: the hybrid's and transformers' GPT-2 classes stay as they are."""
     import torch
-    from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel  # the class itself, not the served loader
 
-    from hybrid_rnn_lm import HybridRnnLmForCausalLM
+    if not callable(getattr(model, "generate", None)) or getattr(model, "generation_config", None) is None:
+        return model
+    model.generation_config.do_sample = True
+    generate = model.generate  # the class's, bound to this model
 
-    base = {"HybridRnnLmForCausalLM": HybridRnnLmForCausalLM, "GPT2LMHeadModel": GPT2LMHeadModel}[class_name]
+    def generate_new_document_on_empty_prompt(input_ids=None, attention_mask=None, **kwargs):
+        eos = model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if input_ids is None or input_ids.shape[-1] > 0 or not isinstance(eos, int):
+            return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        start = input_ids.new_full((input_ids.shape[0], 1), eos)
+        output = generate(input_ids=start, attention_mask=torch.ones_like(start), **kwargs)
+        if isinstance(output, torch.Tensor):
+            return output[:, 1:]
+        output.sequences = output.sequences[:, 1:]
+        return output
 
-    class Served(base):
-        def generate(self, input_ids=None, attention_mask=None, **kwargs):
-            eos = self.generation_config.eos_token_id
-            eos = eos[0] if isinstance(eos, list) and eos else eos
-            if input_ids is None or input_ids.shape[-1] > 0 or not isinstance(eos, int):
-                return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            start = input_ids.new_full((input_ids.shape[0], 1), eos)
-            output = super().generate(input_ids=start, attention_mask=torch.ones_like(start), **kwargs)
-            if isinstance(output, torch.Tensor):
-                return output[:, 1:]
-            output.sequences = output.sequences[:, 1:]
-            return output
-
-    Served.__qualname__ = Served.__name__ = f"{class_name}Served"
-    return Served
+    model.generate = generate_new_document_on_empty_prompt
+    return model
 
 
 def make_classes_available() -> list[str]:
-    """Registers this package's model classes as attributes of `transformers`, where the server looks them up, and the
-    served causal LMs (`served_loader`) under their class names."""
+    """Registers this package's model classes as attributes of `transformers`, where the server looks them up."""
     import sys
 
     from transformers.cli.serving import model_manager
@@ -108,8 +87,6 @@ def make_classes_available() -> list[str]:
     for module in modules.values():
         for name in names:
             setattr(module, name, getattr(hybrid_rnn_lm, name))
-        for name in SERVED_CAUSAL_LMS:
-            setattr(module, name, served_loader(name))
     return names
 
 
