@@ -235,7 +235,7 @@ def test_a_pushed_classifier_has_a_classifiers_card_whose_snippet_classifies_as_
     env = {**client_env(env), "HF_HOME": str(tmp_path / "fresh-cache"), "HF_HUB_OFFLINE": "0"}
     printed = run_without_package(code, cwd=tmp_path, env=env)["printed"]
     model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
-    example = json.loads((classifier / "results.json").read_text())["example"]
+    example = json.loads(re.search(r"print\(classifier\((.*)\)\)", snippet).group(1))
     ids = AutoTokenizer.from_pretrained(classifier)(example, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         label = model.config.id2label[int(model(input_ids=ids).logits.argmax())]

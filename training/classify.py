@@ -350,7 +350,6 @@ def finetune(args: ClassifyArguments) -> dict:
             "majority_label": majority_label,
             "majority_baseline_accuracy": baseline,
             "new_weights": new_weights,
-            "example": data.validation[0]["text"][:200],  # the model card's usage example
             "log_history": trainer.state.log_history,
         }
         shutil.rmtree(staging / "trainer", ignore_errors=True)
