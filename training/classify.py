@@ -25,8 +25,7 @@ from datasets import Dataset
 from training.arguments import arg, check_seed, check_types
 from training.card import write_card
 from training.errors import UserError
-from training.generate import check_model_folder, check_tokenizer_fits, parse_command
-from training.model_files import LOCAL_CODE_ONLY, refuse_missing_weights
+from training.generate import check_model_folder, check_tokenizer_fits, load_pretrained, parse_command
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +178,6 @@ def majority_baseline(data: LabelledData) -> tuple[str, float]:
 def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_token_id: int):
     """The causal checkpoint with a new classification head (and new reverse weights if bidirectional)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers import logging as transformers_logging
 
     config = AutoConfig.from_pretrained(folder)
     label_fields = {
@@ -195,27 +193,16 @@ def load_classifier(folder: Path, labels: list[str], bidirectional: bool, pad_to
         config = type(config)(**{**config.to_dict(), "bidirectional": True})
     for name, value in label_fields.items():
         setattr(config, name, value)
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the new weights are reported below, in words
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            folder,
-            config=config,
-            ignore_mismatched_sizes=bidirectional,
-            output_loading_info=True,
-            use_safetensors=True,
-            **LOCAL_CODE_ONLY,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{folder}: the weights do not fit config.json ({first}); save the model again") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    missing = set(info["missing_keys"])
-    # The classification head is new; so are a bidirectional encoder's reverse-direction weights.
-    refuse_missing_weights(
-        folder, {key for key in missing if not (key.startswith("score.") or (bidirectional and "_reverse" in key))}
+    # The new weights are reported below, in words: the classification head, and a bidirectional encoder's
+    # reverse-direction weights; any other tensor the folder lacks is refused.
+    model, info = load_pretrained(
+        folder,
+        AutoModelForSequenceClassification,
+        new=lambda name: name.startswith("score.") or (bidirectional and "_reverse" in name),
+        config=config,
+        ignore_mismatched_sizes=bidirectional,
     )
+    missing = set(info["missing_keys"])
     new = sorted(missing | {key for key, *_ in info.get("mismatched_keys", [])})
     if bidirectional:
         keep_forward_columns(model, folder)

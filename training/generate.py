@@ -120,15 +120,18 @@ def load_model_and_tokenizer(
             folder,
             classifier,
         )
-    model = load_pretrained(folder, model_class, **model_kwargs)
+    model, _ = load_pretrained(folder, model_class, **model_kwargs)
     tokenizer = build_tokenizer(str(folder))
     check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
     return model.eval(), tokenizer
 
 
-def load_pretrained(folder: Path, model_class=AutoModelForCausalLM, **model_kwargs) -> PreTrainedModel:
-    """`model_class.from_pretrained(folder)`, quietly; weights that do not fit, or that lack a tensor the model needs,
-    are a one-line UserError."""
+def load_pretrained(
+    folder: Path, model_class=AutoModelForCausalLM, new=lambda name: False, **model_kwargs
+) -> tuple[PreTrainedModel, dict]:
+    """`model_class.from_pretrained(folder)`, quietly, and its loading info; weights that do not fit, or that lack a
+    tensor the model needs (one that `new(name)` does not call new, such as a fresh classification head), are a
+    one-line UserError."""
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # "unused weights" notes are expected when loading a sub-model
     transformers_logging.disable_progress_bar()  # a per-tensor bar is noise for a small local file
@@ -144,8 +147,8 @@ def load_pretrained(folder: Path, model_class=AutoModelForCausalLM, **model_kwar
         transformers_logging.set_verbosity(verbosity)
         if bars:
             transformers_logging.enable_progress_bar()
-    refuse_missing_weights(folder, info["missing_keys"])
-    return model
+    refuse_missing_weights(folder, [name for name in info["missing_keys"] if not new(name)])
+    return model, info
 
 
 def check_tokenizer_fits(folder: Path, tokenizer, vocab_size: int) -> None:
