@@ -1,6 +1,7 @@
 # Two entry points that work on a fresh machine (Python 3.10+):
 #   make train   set up .venv and train a small model on the built-in corpus
 #   make test    set up .venv and run the test suite
+#   make test-cuda   the GPU suite (tests/test_cuda.py) on a machine with a CUDA GPU
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -26,4 +27,8 @@ test: setup
 	# one torch thread per worker: two workers already fill two cores, more threads only contend
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
-.PHONY: setup train test
+# The suite above hides GPUs (tests/conftest.py); the GPU suite is a run of its own
+test-cuda: setup
+	$(BIN)/python -m pytest tests/test_cuda.py
+
+.PHONY: setup train test test-cuda

@@ -1,8 +1,10 @@
 """The model on a CUDA GPU: the same numbers as on the CPU (where cuDNN runs GRU / LSTM / RNN and the scan cells run
 their own scan), the cache, left padding, bf16 autocast, gradient checkpointing, and `hybrid-lm train` end to end.
-Skipped where no GPU is present; `pytest tests/test_cuda.py` on a machine with one runs them."""
+Skipped where no GPU is present, and in any run that includes the CPU suite, which hides GPUs (tests/conftest.py);
+`pytest tests/test_cuda.py` on a machine with one runs them."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -15,11 +17,15 @@ from hybrid_rnn_lm.modeling_hybrid_rnn_lm import (
     linear_recurrence_scan,
     masked_scan_coefficients,
 )
+from tests.conftest import GPU_HIDDEN_REASON
 from tests.test_modeling import left_padded_prompts, peaky_model, random_ids, tiny_config
 from tests.test_scan import CHUNK, cell_inputs, gates_and_inputs
 from tests.test_training_hooks import assert_checkpointing_gives_the_same_gradients
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=GPU_HIDDEN_REASON if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else "needs a CUDA GPU",
+)
 CUDA = torch.device("cuda")
 
 
