@@ -55,7 +55,7 @@ def peak_memory_mb(tmp_path: Path, corpus: Path, name: str, **options) -> tuple[
 
 @pytest.mark.xdist_group("memory")
 @pytest.mark.parametrize("carry_state", [False, True], ids=["blocks", "carry-state"])
-def test_memory_stays_flat_when_the_corpus_grows_fourfold(tmp_path, carry_state):
+def test_memory_stays_flat_when_the_corpus_grows_fortyfold(tmp_path, carry_state):
     """2 MB and 80 MB of text: as token ids in memory the larger would need 312 MB (int32) more than the smaller; a
     streamed run reads both in one pass (tokenizer, then training) and its peak memory does not follow the corpus.
     The peak of two runs of one corpus differs by up to about 30 MB here, hence the wide gap between the sizes."""
