@@ -130,6 +130,42 @@ def test_an_output_dir_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys
     assert notes.read_text() == "mine"
 
 
+def test_files_of_its_names_are_replaced_only_when_an_earlier_inspection_wrote_them(tmp_path, capsys):
+    """A folder of the user's own summary.md / attention.png is refused and left as it was; an earlier inspection's
+    folder is replaced, and a figure the new model does not have (attention) is not left behind from the old one."""
+    with_attention = save_tiny_model(tmp_path / "with-attention")
+    without_attention = save_tiny_model(tmp_path / "without-attention", layout="no-attention")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    (mine / "attention.png").write_bytes(b"my figure")
+    code, _, err = run_cli(
+        capsys, "inspect", "--model", str(with_attention), "--text", "Speak", "--output-dir", str(mine)
+    )
+    assert code == 2
+    assert error_line(err) == (
+        f"error: {mine} already holds attention.png, summary.md, which `hybrid-lm inspect` did not write there "
+        "(it would replace them); choose another --output-dir"
+    )
+    assert sorted(path.name for path in mine.iterdir()) == ["attention.png", "summary.md"]
+    assert (mine / "summary.md").read_text() == "my notes" and (mine / "attention.png").read_bytes() == b"my figure"
+
+    out_dir = tmp_path / "inspect"
+    for model_dir in (with_attention, without_attention):
+        code, _, err = run_cli(
+            capsys, "inspect", "--model", str(model_dir), "--text", "Speak", "--output-dir", str(out_dir)
+        )
+        assert code == 0, err
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "embeddings.png",
+        "hidden_norms.png",
+        "recurrent_state.png",
+        "summary.json",
+        "summary.md",
+    ]
+    assert f"# Inspection of {without_attention}" in (out_dir / "summary.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

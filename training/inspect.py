@@ -11,6 +11,9 @@ Written to --output-dir:
   components (PCA), each point labelled with its token.
 - summary.md (and summary.json with the same numbers), with the nearest neighbours (cosine similarity of the input
   embeddings) of the tokens given with --words.
+
+Files of these names in --output-dir are replaced only when an earlier inspection wrote them (its summary.json says
+so); a figure the new inspection does not draw (attention.png of a model without attention) is then removed.
 """
 
 import json
@@ -36,6 +39,10 @@ DPI = 100
 MAX_TOKEN_LABELS = 48  # beyond this, tick labels are unreadable: positions only
 SUB_LAYERS = ("recurrent", "attention", "mlp")
 EMBEDDING_FIGURE_INCHES = 8.0
+FIGURE_FILES = ("attention.png", "hidden_norms.png", "recurrent_state.png", "embeddings.png")
+OUTPUT_FILES = (*FIGURE_FILES, "summary.md", "summary.json")
+# Fields every summary.json of `hybrid-lm inspect` has held: how an earlier inspection's folder is recognised.
+SUMMARY_FIELDS = {"tokens", "attention_layers", "stream_norms", "state_change_mean", "figures"}
 
 
 @dataclass
@@ -410,6 +417,26 @@ def inspect_text(
     return result
 
 
+def is_inspection(summary_path: Path) -> bool:
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, a folder, not UTF-8, not JSON
+        return False
+    return isinstance(summary, dict) and SUMMARY_FIELDS <= summary.keys()
+
+
+def check_output_files(output_dir: Path) -> None:
+    """Refuses to replace files of the command's names that an earlier inspection did not write. Writes nothing."""
+    present = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    if not present:
+        return
+    if not is_inspection(output_dir / "summary.json") or not all((output_dir / name).is_file() for name in present):
+        raise UserError(
+            f"{output_dir} already holds {', '.join(present)}, which `hybrid-lm inspect` did not write there "
+            "(it would replace them); choose another --output-dir"
+        )
+
+
 def main(argv: list[str]) -> int:
     args = parse_command(
         InspectArguments,
@@ -429,12 +456,17 @@ def main(argv: list[str]) -> int:
 
     output_dir = Path(args.output_dir).expanduser()
     check_folder_path(output_dir)  # before the model loads
+    check_output_files(output_dir)
     model, tokenizer = load_base_model(args.model)
     result = inspect_text(
         model, tokenizer, text, output_dir, args.max_tokens, args.words, args.neighbours, args.embedding_tokens
     )
     (output_dir / "summary.md").write_text(summary_markdown(result, args.model))
     (output_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    drawn = {Path(grid.path).name for grid in result.figures.values()}
+    for name in FIGURE_FILES:  # an earlier inspection's figure that this one does not draw
+        if name not in drawn:
+            (output_dir / name).unlink(missing_ok=True)
     print(summary_markdown(result, args.model))
     print(f"figures and summary written to {output_dir}")
     return 0
