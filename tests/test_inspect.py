@@ -15,6 +15,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
 HEADS = 4
 
+# What inspect writes for a model without attention layers (no attention.png)
+FILES_WITHOUT_ATTENTION = ["embeddings.png", "hidden_norms.png", "recurrent_state.png", "summary.json", "summary.md"]
+
 
 def markdown_rows(summary: str, heading: str) -> list[list[str]]:
     """The body rows of the first table after `heading`, as lists of cell strings."""
@@ -105,13 +108,7 @@ def test_a_pure_recurrent_model_has_no_attention_figure(tmp_path, capsys):
         capsys, "inspect", "--model", str(model_dir), "--text", "Speak", "--output-dir", str(out_dir)
     )
     assert code == 0, err
-    assert sorted(path.name for path in out_dir.iterdir()) == [
-        "embeddings.png",
-        "hidden_norms.png",
-        "recurrent_state.png",
-        "summary.json",
-        "summary.md",
-    ]
+    assert sorted(path.name for path in out_dir.iterdir()) == FILES_WITHOUT_ATTENTION
     assert "This model has no attention layers" in (out_dir / "summary.md").read_text()
 
 
@@ -156,13 +153,7 @@ def test_files_of_its_names_are_replaced_only_when_an_earlier_inspection_wrote_t
             capsys, "inspect", "--model", str(model_dir), "--text", "Speak", "--output-dir", str(out_dir)
         )
         assert code == 0, err
-    assert sorted(path.name for path in out_dir.iterdir()) == [
-        "embeddings.png",
-        "hidden_norms.png",
-        "recurrent_state.png",
-        "summary.json",
-        "summary.md",
-    ]
+    assert sorted(path.name for path in out_dir.iterdir()) == FILES_WITHOUT_ATTENTION
     assert f"# Inspection of {without_attention}" in (out_dir / "summary.md").read_text()
 
 
