@@ -96,7 +96,19 @@ BAD_ARGUMENTS = {
     "block-size-1": (["--block-size", "1"], "--block-size 1 leaves nothing to predict"),
     "steps-and-epochs": (["--max-steps", "5", "--epochs", "1"], "pass only one of them"),
     "heads-do-not-divide": (["--hidden-size", "32", "--num-attention-heads", "3"], "does not divide --hidden-size 32"),
-    "attention-layer-out-of-range": (["--attention-layers", "0,9"], "out of range"),
+    "attention-layer-out-of-range": (
+        ["--attention-layers", "0,9"],
+        "--attention-layers 0,9 names block(s) 9, but --num-hidden-layers 3 has blocks 0..2; name blocks in that range",
+    ),
+    "fewer-blocks-than-the-default-attention-spacing": (
+        ["--num-hidden-layers", "1"],
+        "--attention-layers 2 (every 2nd block) needs at least 2 blocks, but --num-hidden-layers is 1; pass a smaller "
+        "--attention-layers (1 = every block, none = no attention) or more layers",
+    ),
+    "attention-spacing-zero": (
+        ["--attention-layers", "0"],
+        "--attention-layers 0: a number k means every k-th block and must be >= 1; for block 0 alone write '0,'",
+    ),
     "unknown-activation": (
         ["--hidden-act", "swiglu"],
         "--hidden-act 'swiglu' is not an activation transformers knows",

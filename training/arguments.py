@@ -95,8 +95,9 @@ class ModelArguments:
 
     def __post_init__(self):
         check_types(self)
+        given = str(self.attention_layers)
         # One spelling per layout (YAML may hold an int or a list), so that equal runs have equal arguments.
-        self.attention_layers = format_attention_layers(parse_attention_layers(str(self.attention_layers)))
+        self.attention_layers = format_attention_layers(parse_attention_layers(given))
         _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
         _check_positive(self, "attention_window", "intermediate_size", allow_none=True)
         if self.hidden_act is not None:
@@ -115,6 +116,8 @@ class ModelArguments:
                 f"--num-attention-heads {self.num_attention_heads} does not divide --hidden-size {self.hidden_size}; "
                 "pick a number of heads that divides the hidden size"
             )
+        if self.architecture == "hybrid" and self.model_config is None:
+            check_attention_layers(given, self.num_hidden_layers)
 
 
 @dataclass
@@ -277,6 +280,35 @@ def parse_attention_layers(spec: str) -> str | int | list[int]:
         raise UserError(
             f"--attention-layers {spec!r} is not understood; use all, none, k (every k-th block) or indices like 0,2"
         ) from None
+
+
+def ordinal(number: int) -> str:
+    """2 -> '2nd', 11 -> '11th', 23 -> '23rd'."""
+    suffix = "th" if number % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def check_attention_layers(spec: str, num_hidden_layers: int) -> None:
+    """--attention-layers fits --num-hidden-layers: the flags' own words for what HybridRnnLmConfig would refuse."""
+    layers, blocks = parse_attention_layers(spec), num_hidden_layers
+    if isinstance(layers, int) and layers < 1:
+        hint = "for block 0 alone write '0,', " if layers == 0 else ""
+        raise UserError(
+            f"--attention-layers {layers}: a number k means every k-th block and must be >= 1; "
+            f"{hint}for no attention write 'none'"
+        )
+    if isinstance(layers, int) and layers > blocks:
+        raise UserError(
+            f"--attention-layers {layers} (every {ordinal(layers)} block) needs at least {layers} blocks, but "
+            f"--num-hidden-layers is {blocks}; pass a smaller --attention-layers (1 = every block, none = no attention) "
+            "or more layers"
+        )
+    if isinstance(layers, list) and any(not 0 <= index < blocks for index in layers):
+        outside = [index for index in layers if not 0 <= index < blocks]
+        raise UserError(
+            f"--attention-layers {spec} names block(s) {', '.join(map(str, outside))}, but --num-hidden-layers "
+            f"{blocks} has blocks 0..{blocks - 1}; name blocks in that range or add layers"
+        )
 
 
 def format_attention_layers(layers: str | int | list[int]) -> str:
