@@ -181,8 +181,9 @@ def test_frozen_embeddings_keep_the_file_vectors_through_training(tmp_path):
         ("the " + "0.5 " * 32 + "\nking " + "0.5 " * 31 + "x\n", "vectors.txt line 2: 'x' is not a number"),
         ("the " + "nan " * 32 + "\n", "vectors.txt line 1: the vector is not finite"),
         ("---\ntitle: notes\n", "vectors.txt line 1: no numbers after the first word, so this is not a word2vec"),
+        ("The quick brown fox\n", "vectors.txt line 1: no numbers after the first word, so this is not a word2vec"),
     ],
-    ids=["dimension", "header-dimension", "short-line", "not-a-number", "nan", "not-vectors"],
+    ids=["dimension", "header-dimension", "short-line", "not-a-number", "nan", "not-vectors", "prose"],
 )
 def test_bad_vector_files_are_one_line_errors_and_write_nothing(tmp_path, capsys, content, message):
     (tmp_path / "vectors.txt").write_text(content)

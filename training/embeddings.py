@@ -59,8 +59,8 @@ def _vector_lines(path: Path, dimension: int) -> Iterator[tuple[int, str, list[s
                     _check_dimension(int(fields[1]), dimension, name, number)  # word2vec's "<count> <dimension>"
                     checked = True
                     continue
-                if not checked:  # no header: the first vector's length is the file's dimension
-                    _check_dimension(len(fields) - 1, dimension, name, number)
+                if not checked:  # no header: the first vector's length (its trailing numbers) is the file's dimension
+                    _check_dimension(_trailing_numbers(fields), dimension, name, number)
                     checked = True
                 # The numbers are the last `dimension` fields: a word may itself contain spaces (GloVe 840B does).
                 parts = line.rstrip().rsplit(maxsplit=dimension)
@@ -112,6 +112,16 @@ def _parse_vector(numbers: list[str], path: Path, number: int) -> list[float]:
             f"--init-embeddings {path.name} line {number}: the vector is not finite; fix or remove the line"
         )
     return vector
+
+
+def _trailing_numbers(fields: list[str]) -> int:
+    """How many fields after the first end the line as numbers: a vector's length (0 for a line of prose)."""
+    count = 0
+    for value in reversed(fields[1:]):
+        if not _is_float(value):
+            break
+        count += 1
+    return count
 
 
 def _is_float(value: str) -> bool:
