@@ -183,6 +183,26 @@ def test_bad_input_is_one_line_and_leaves_the_card_untouched(folder, tmp_path, c
     assert (folder / "README.md").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"best_val_loss": 1.2,', "is not valid JSON (Expecting"),
+        ("[1, 2]", "holds an array, not a JSON object; re-create it by re-running the command that wrote it"),
+        ("null", "holds null, not a JSON object"),
+        (b"\xff\xfe", "is not valid JSON ('utf-8' codec can't decode"),
+    ],
+    ids=["torn", "array", "null", "not-utf8"],
+)
+def test_a_damaged_results_file_is_one_line_and_leaves_the_card_untouched(folder, capsys, content, expected):
+    before = (folder / "README.md").read_bytes()
+    results = folder / "results.json"
+    results.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert cli_main(["card", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {results} {expected}") and err.count("\n") == 1
+    assert (folder / "README.md").read_bytes() == before
+
+
 @pytest.mark.parametrize("attention_layers", ["all", "none", 2, [0, 3]], ids=["all", "none", "every-2nd", "list"])
 def test_attention_row_names_the_blocks_the_config_gives_attention(tmp_path, attention_layers):
     from hybrid_rnn_lm import HybridRnnLmConfig

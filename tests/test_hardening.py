@@ -208,6 +208,9 @@ def _break(folder: Path, how: str) -> str:
     if how == "invalid-config":
         config_file.write_text('{"model_type": "hybrid_rnn_lm",')
         return f"error: {config_file} is not valid JSON"
+    if how == "config-not-an-object":
+        config_file.write_text("[]")
+        return f"error: {config_file} names no model_type, so it is not a saved model's config"
     config = json.loads(config_file.read_text())
     if how == "other-model-type":
         config_file.write_text(json.dumps({"model_type": "bert", "vocab_size": 30}))
@@ -240,6 +243,7 @@ def _break(folder: Path, how: str) -> str:
 BROKEN = [
     "no-config",
     "invalid-config",
+    "config-not-an-object",
     "other-model-type",
     "remote-code",
     "truncated-weights",
@@ -252,7 +256,7 @@ BROKEN = [
 
 # card reads no weights and no tokenizer (shapes and vocabulary are not its concern) and reports a missing or
 # invalid config.json itself (test_card.py): it checks the model type, auto_map and the weight files.
-CARD_CHECKS = ("other-model-type", "remote-code", "truncated-weights", "corrupt-weights")
+CARD_CHECKS = ("config-not-an-object", "other-model-type", "remote-code", "truncated-weights", "corrupt-weights")
 COMMANDS = ("generate", "eval", "inspect", "finetune-classify")
 CASES = [(how, command) for how in BROKEN for command in COMMANDS] + [(how, "card") for how in CARD_CHECKS]
 

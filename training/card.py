@@ -110,11 +110,18 @@ def read_run(folder: str | os.PathLike) -> RunFiles:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(
             f"{path} is not valid JSON ({error}); re-create it by re-running the command that wrote it"
         ) from None
+    if not isinstance(content, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        raise UserError(
+            f"{path} holds {kind.get(type(content), 'null')}, not a JSON object; re-create it by re-running the command "
+            "that wrote it"
+        )
+    return content
 
 
 def _flatten(mapping: dict, prefix: str = "") -> dict:

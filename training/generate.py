@@ -71,6 +71,10 @@ def check_model_folder(path: str | Path) -> Path:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{config_file} is not valid JSON ({error}); restore it or save the model again") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None:
+        raise UserError(
+            f"{config_file} names no model_type, so it is not a saved model's config; restore it or save the model again"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"{config_file} describes a {model_type!r} model; these commands read hybrid_rnn_lm models and the gpt2 "
