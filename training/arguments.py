@@ -95,9 +95,9 @@ class ModelArguments:
 
     def __post_init__(self):
         check_types(self)
-        given = str(self.attention_layers)
+        given, layers = str(self.attention_layers), parse_attention_layers(str(self.attention_layers))
         # One spelling per layout (YAML may hold an int or a list), so that equal runs have equal arguments.
-        self.attention_layers = format_attention_layers(parse_attention_layers(given))
+        self.attention_layers = format_attention_layers(layers)
         _check_positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads")
         _check_positive(self, "attention_window", "intermediate_size", allow_none=True)
         if self.hidden_act is not None:
@@ -117,7 +117,7 @@ class ModelArguments:
                 "pick a number of heads that divides the hidden size"
             )
         if self.architecture == "hybrid" and self.model_config is None:
-            check_attention_layers(given, self.num_hidden_layers)
+            check_attention_layers(layers, given, self.num_hidden_layers)
 
 
 @dataclass
@@ -288,9 +288,9 @@ def ordinal(number: int) -> str:
     return f"{number}{suffix}"
 
 
-def check_attention_layers(spec: str, num_hidden_layers: int) -> None:
-    """--attention-layers fits --num-hidden-layers: the flags' own words for what HybridRnnLmConfig would refuse."""
-    layers, blocks = parse_attention_layers(spec), num_hidden_layers
+def check_attention_layers(layers: str | int | list[int], spec: str, blocks: int) -> None:
+    """--attention-layers (`layers`, parsed from `spec`) fits --num-hidden-layers `blocks`: the flags' own words for
+    what HybridRnnLmConfig would refuse."""
     if isinstance(layers, int) and layers < 1:
         hint = "for block 0 alone write '0,', " if layers == 0 else ""
         raise UserError(

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from training.arguments import BLOCK_SIZE_ONE, arg, check_types
 from training.errors import UserError
 from training.generate import load_model_and_tokenizer, parse_command
+from training.model_files import holds_json_object_with
 
 SPLITS = ("validation", "train")
 DEFAULT_BLOCK_SIZE = 128
@@ -296,13 +297,7 @@ def check_output(path: str, model_folder: str) -> None:
 
 def is_eval_result(path: Path) -> bool:
     """Whether a file holds what `hybrid-lm eval --output` writes (a JSON object with its keys)."""
-    try:
-        if not path.is_file() or path.stat().st_size > 1_000_000:
-            return False
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and {"model", "dataset", "split", "block_size", "loss"} <= data.keys()
+    return holds_json_object_with(path, {"model", "dataset", "split", "block_size", "loss"})
 
 
 def main(argv: list[str]) -> int:

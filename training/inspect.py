@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModel
 from training.arguments import arg, check_types
 from training.errors import UserError
 from training.generate import check_model_folder, load_model_and_tokenizer, parse_command
+from training.model_files import holds_json_object_with
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -417,20 +418,13 @@ def inspect_text(
     return result
 
 
-def is_inspection(summary_path: Path) -> bool:
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, a folder, not UTF-8, not JSON
-        return False
-    return isinstance(summary, dict) and SUMMARY_FIELDS <= summary.keys()
-
-
 def check_output_files(output_dir: Path) -> None:
     """Refuses to replace files of the command's names that an earlier inspection did not write. Writes nothing."""
     present = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
     if not present:
         return
-    if not is_inspection(output_dir / "summary.json") or not all((output_dir / name).is_file() for name in present):
+    earlier = holds_json_object_with(output_dir / "summary.json", SUMMARY_FIELDS)
+    if not earlier or not all((output_dir / name).is_file() for name in present):
         raise UserError(
             f"{output_dir} already holds {', '.join(present)}, which `hybrid-lm inspect` did not write there "
             "(it would replace them); choose another --output-dir"

@@ -16,6 +16,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LOCAL_CODE_ONLY = {"use_kernels": False}
 
 
+def holds_json_object_with(path: Path, keys: set[str], max_bytes: int = 16_000_000) -> bool:
+    """Whether a file is a JSON object holding `keys`: how a command recognises a file it wrote before, the only kind
+    it replaces. Anything else (missing, a folder, too large, not UTF-8, not JSON, other keys) is not."""
+    try:
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: UnicodeDecodeError and JSONDecodeError
+        return False
+    return isinstance(data, dict) and keys <= data.keys()
+
+
 def weight_files(folder: Path, refusal: str = "never loaded") -> list[str]:
     """The safetensors files of `folder` (one file, or an index and its shards); a UserError otherwise."""
     if (folder / WEIGHTS_FILE).is_file():
