@@ -71,12 +71,17 @@ def _starting_state(cache: Cache | None, layer_idx: int, initial_state: torch.Te
     return initial_state if cached is None else cached
 
 
-def _write_recurrent_state(cache: Cache | None, state: torch.Tensor, layer_idx: int) -> None:
+def _write_recurrent_state(cache: Cache | None, state: torch.Tensor, layer_idx: int, num_tokens: int) -> None:
+    """Stores the state after this forward's `num_tokens` tokens. Only conv-state updates do the two pieces of
+    bookkeeping below in transformers' linear-attention cache layers, and this model has no convolution: without
+    the flag the next step would restart from a zero state, and without the count `cache.get_seq_length()` (what
+    `generate` reads to skip the tokens a cache already holds when it is handed one back) would stay 0."""
     if cache is None:
         return
     cache.update_recurrent_state(state, layer_idx)
-    # Only conv-state updates set this flag; without it the next step would restart from a zero state.
-    cache.layers[layer_idx].has_previous_state[0] = True
+    layer = cache.layers[layer_idx]
+    layer.has_previous_state[0] = True
+    layer.cumulative_length_linear.add_(num_tokens)
 
 
 def _cpu_autocast_without_lstm_kernel(hidden_states: torch.Tensor) -> bool:
@@ -130,7 +135,7 @@ class HybridRnnLmRecurrentMixer(nn.Module):
                 hidden_states, padding_mask, document_starts, initial_state
             )
         final_state = self._to_cache_state(final_state)
-        _write_recurrent_state(cache, final_state, self.layer_idx)
+        _write_recurrent_state(cache, final_state, self.layer_idx, hidden_states.shape[1])
         return self.out_proj(output), final_state
 
     def _forward_unprojected(self, hidden_states, padding_mask, document_starts, initial_state):
@@ -756,7 +761,7 @@ class HybridRnnLmScanMixer(nn.Module):
         initial_state = None if cached is None else cached[:, 0]
         output = self._run(self.in_proj, hidden_states, padding_mask, initial_state, document_starts)
         final_state = output[:, -1:].to(hidden_states.dtype)
-        _write_recurrent_state(cache, final_state, self.layer_idx)
+        _write_recurrent_state(cache, final_state, self.layer_idx, hidden_states.shape[1])
         if hasattr(self, "in_proj_reverse"):  # encoder use: the same recurrence from the last token backwards
             mask = None if padding_mask is None else padding_mask.flip(1)
             # Backwards, a document's last token starts it: the token before the next document start.

@@ -116,6 +116,34 @@ def test_generate_with_and_without_cache_agree(rnn_type, layout):
     assert torch.equal(model.generate(prompt, use_cache=True, **beam), model.generate(prompt, use_cache=False, **beam))
 
 
+@pytest.mark.parametrize("layout", ["no-attention", "every-2nd", "sliding-window"])
+@pytest.mark.parametrize("rnn_type", RNN_TYPES)
+def test_generation_continues_from_a_cache_handed_back(rnn_type, layout):
+    """The multi-turn and prompt-cache patterns: generate() handed a cache and the whole conversation feeds only the
+    tokens the cache has not seen (it reads cache.get_seq_length()); fed all of them again, the recurrent state would
+    run over the conversation twice. Left-padded rows included."""
+    model = peaky_model(tiny_config(rnn_type, layout))
+    prompts, ids, mask = left_padded_prompts()
+    settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=5, return_dict_in_generate=True, **settings)
+    seen = ids.shape[1] + 5 - 1  # the last generated token is not fed yet
+    assert [first.cache.get_seq_length(i) for i in range(len(model.model.layers))] == [seen] * len(model.model.layers)
+    reply = random_ids(len(prompts), 3, seed=4)
+    conversation = torch.cat([first.sequences, reply], dim=1)
+    conversation_mask = torch.cat([mask, torch.ones_like(conversation[:, ids.shape[1] :])], dim=1)
+    turn = dict(attention_mask=conversation_mask, max_new_tokens=8, **settings)
+    continued = model.generate(conversation, cache=first.cache, **turn)
+    fresh = model.generate(conversation, **turn)
+    assert torch.equal(continued, fresh)
+    assert fresh[:, conversation.shape[1] :].unique().numel() > 2
+
+    # A prompt prefix run once and reused: its cache holds the prefix's state after 4 tokens.
+    with torch.no_grad():
+        prefix = model(ids[:, :4], attention_mask=mask[:, :4], use_cache=True).cache
+    reused = model.generate(ids, attention_mask=mask, cache=prefix, max_new_tokens=8, **settings)
+    assert torch.equal(reused, model.generate(ids, attention_mask=mask, max_new_tokens=8, **settings))
+
+
 def test_sampling_and_num_return_sequences():
     model = peaky_model(tiny_config("gru", "all-attention"))
     prompt = random_ids(2, 4, seed=3)
