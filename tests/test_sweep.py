@@ -278,6 +278,16 @@ def test_a_changed_study_does_not_reuse_stale_runs(swept, tmp_path, capsys, monk
             id="sweep-owned-option",
         ),
         pytest.param(
+            {"name": "../elsewhere"},
+            "study file {path}: name '../elsewhere' must be a plain folder name (letters, digits, - _ .; not . or ..)",
+            id="study-name-outside-results",
+        ),
+        pytest.param(
+            {"variations": [{"name": "..", "hidden_size": 64}]},
+            "study file {path}: variation name '..' must be a plain folder name (letters, digits, - _ .; not . or ..)",
+            id="run-name-outside-runs",
+        ),
+        pytest.param(
             {"seeds": [1, 1]},
             "study file {path}: seeds [1, 1] repeat a value; list each seed once",
             id="repeated-seed",

@@ -143,7 +143,7 @@ def load_study(path: str | os.PathLike) -> Study:
     quick = content.get("quick") or {}
     _check_options(quick, f"{where}, quick")
     return Study(
-        name=str(content.get("name") or path.stem),
+        name=path.stem if content.get("name") is None else _folder_name(content["name"], "name", where),
         path=path,
         text=text,
         description=str(content.get("description") or "").strip(),
@@ -198,9 +198,7 @@ def _parse_variation(item, index: int, where: str) -> Variation:
         raise UserError(
             f"{where}: variation #{index + 1} must be a mapping with a name, e.g. {{name: big, hidden_size: 256}}"
         )
-    name = str(item["name"])
-    if not name or _slug(name) != name:
-        raise UserError(f"{where}: variation name {name!r} must be a plain folder name (letters, digits, - _ .)")
+    name = _folder_name(item["name"], "variation name", where)
     groups = item.get("group", "default")
     groups = [str(group) for group in groups] if isinstance(groups, list) else [str(groups)]
     overrides = {key: value for key, value in item.items() if key not in VARIATION_KEYS}
@@ -246,6 +244,15 @@ def _check_options(options, where: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _folder_name(value, what: str, where: str) -> str:
+    """A name the sweep makes a folder of (the study's under results/, each run's under runs/): one plain path
+    component, so that no name reaches outside the folder it belongs in."""
+    name = str(value)
+    if not name or _slug(name) != name or name in {".", ".."}:
+        raise UserError(f"{where}: {what} {name!r} must be a plain folder name (letters, digits, - _ .; not . or ..)")
+    return name
 
 
 def _slug(value) -> str:
