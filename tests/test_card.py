@@ -164,6 +164,22 @@ def test_only_hub_datasets_are_listed_as_hub_datasets(tmp_path, dataset, hub_id,
     assert (info.hub_id, info.label, info.config) == (hub_id, label, config)
 
 
+def test_a_hand_written_card_is_replaced_only_with_overwrite(folder, capsys):
+    """The generated card says "delete this line to keep manual edits"; `hybrid-lm card` must then keep them too."""
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().replace(GENERATED_MARKER, "") + "\nMy own notes.\n")
+    before = readme.read_bytes()
+    assert cli_main(["card", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: {readme} is not a generated card (it lacks the line {GENERATED_MARKER[:40]}...: written or kept by "
+        "hand), so rendering would replace your text: move it aside, or pass --overwrite to replace it"
+    ]
+    assert readme.read_bytes() == before
+    assert cli_main(["card", str(folder), "--overwrite"]) == 0
+    assert GENERATED_MARKER in readme.read_text() and "My own notes." not in readme.read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

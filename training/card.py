@@ -650,11 +650,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repo-id", help="Hub repository id the load snippet uses (default: the local folder)")
     parser.add_argument("--revision", default="main", help="branch or commit the load snippet pins (default: main)")
     parser.add_argument("--license", help=f"Hub license id (default: the current card's, else {DEFAULT_LICENSE})")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a README.md this command did not write (one without the generated-card line: written or kept "
+        "by hand); without it such a card is left as it is",
+    )
     args = parser.parse_args(argv)
     from training.generate import check_model_folder
 
     if (Path(args.folder) / "config.json").is_file():  # a missing folder or config: write_card says so itself
         check_model_folder(args.folder)  # model type, auto_map and weight files, as every command checks them
+    readme = Path(args.folder) / "README.md"
+    if readme.is_file() and not is_generated(readme) and not args.overwrite:
+        raise UserError(
+            f"{readme} is not a generated card (it lacks the line {GENERATED_MARKER[:40]}...: written or kept by "
+            "hand), so rendering would replace your text: move it aside, or pass --overwrite to replace it"
+        )
     readme = write_card(args.folder, repo_id=args.repo_id, revision=args.revision, license=args.license)
     print(f"wrote {readme}")
     return 0
