@@ -180,6 +180,21 @@ def test_a_hand_written_card_is_replaced_only_with_overwrite(folder, capsys):
     assert GENERATED_MARKER in readme.read_text() and "My own notes." not in readme.read_text()
 
 
+def test_the_end_of_a_run_keeps_a_hand_written_card(folder, caplog):
+    """A resumed run ends by writing its card: one kept by hand stays (with a warning), a generated one is redone."""
+    from training.train import write_model_card
+
+    readme = folder / "README.md"
+    readme.write_text("# My own card\n")
+    with caplog.at_level("WARNING", logger="training.train"):
+        write_model_card(folder)
+    assert readme.read_text() == "# My own card\n"
+    assert f"kept the hand-edited {readme}" in caplog.text and f"`hybrid-lm card {folder} --overwrite`" in caplog.text
+    readme.write_text(GENERATED_MARKER + "\nstale\n")
+    write_model_card(folder)
+    assert "stale" not in readme.read_text() and "## Intended use and limitations" in readme.read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

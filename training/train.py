@@ -1198,11 +1198,22 @@ def generate_sample(output_dir: Path, args: TrainArguments) -> str:
 
 
 def write_model_card(output_dir: Path) -> None:
+    """The run's card, README.md; a card kept by hand (its generated-card line deleted, e.g. before a resumed run
+    ends) stays as it is, as `hybrid-lm push` and `hybrid-lm card` keep it."""
     try:
-        from training.card import write_card
+        from training.card import is_generated, write_card
     except ImportError as error:
         if error.name not in ("training.card",):
             logger.warning("model card not written: training.card failed to import: %s", error)
+        return
+    readme = output_dir / "README.md"
+    if readme.is_file() and not is_generated(readme):
+        logger.warning(
+            "kept the hand-edited %s (it lacks the generated-card line); `hybrid-lm card %s --overwrite` renders "
+            "this run's card in its place",
+            readme,
+            output_dir,
+        )
         return
     try:
         write_card(output_dir)
