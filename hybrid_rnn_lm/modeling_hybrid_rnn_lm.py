@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import (
     create_bidirectional_mask,
@@ -1064,6 +1064,8 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             cache = None
         elif cache is None:
             cache = DynamicCache(config=self.config)
+        else:
+            self._fit_cache(cache)
 
         padding_mask = self._padding_mask(attention_mask, inputs_embeds, cache)
         document_starts = self._document_starts(position_ids, attention_mask, inputs_embeds, cache)
@@ -1103,6 +1105,29 @@ class HybridRnnLmModel(HybridRnnLmPreTrainedModel):
             attentions=tuple(all_attentions) if output_attentions else None,
             recurrent_states=tuple(final_states) if return_states else None,
         )
+
+    def _fit_cache(self, cache: Cache) -> None:
+        """A cache handed in. `DynamicCache()` built without the config, as one is for a transformer, has no layers
+        yet and would make attention layers of every block on first use: it gets this model's layers (a recurrent
+        state per block, keys and values where attention is), in place, so the caller's object fills as usual. A
+        cache whose layers do not fit this model is refused in words instead of an IndexError inside the blocks."""
+        if isinstance(cache, DynamicCache) and not cache.layers:
+            cache.layers.extend(DynamicCache(config=self.config).layers)
+            cache.layer_class_to_replicate = None
+            return
+        layers = getattr(cache, "layers", None)
+        fits = (
+            isinstance(layers, list)
+            and len(layers) == len(self.layers)
+            and all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+            and all(isinstance(layers[index], CacheLayerMixin) for index in self.config.attention_layer_indices)
+        )
+        if not fits:
+            raise ValueError(
+                f"the cache passed ({type(cache).__name__}) does not fit this model: it needs {len(self.layers)} "
+                "layers, each holding a recurrent state, with keys and values in the attention blocks; build it with "
+                "DynamicCache(config=model.config) or StaticCache(config=model.config, max_cache_len=...)"
+            )
 
     def _check_recurrent_states(self, states, inputs_embeds, position_ids) -> list[torch.Tensor]:
         """One (B, S, H) state per block; rows whose position_ids start at 0 (a new document) start from zeros."""

@@ -1,10 +1,11 @@
 """What Hugging Face clients rely on beyond generate(): the old cache names (`past_key_values`, Mamba's
-`cache_params`), tuple outputs, static-cache generation of a left-padded batch, classification from inputs_embeds, and
-the up-front refusal of assisted decoding for a stateful model."""
+`cache_params`), caches built without the config or for another model, tuple outputs, static-cache generation of a
+left-padded batch, classification from inputs_embeds, and the up-front refusal of assisted decoding for a stateful
+model."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from hybrid_rnn_lm import HybridRnnLmForSequenceClassification, HybridRnnLmModel
 from tests.test_modeling import (
@@ -29,6 +30,40 @@ def test_old_names_of_cache_are_accepted(old):
         fresh = model(ids[:, 6:]).logits  # what a forward that ignored the cache would give
     torch.testing.assert_close(old_name, expected, atol=0, rtol=0)
     assert not torch.allclose(old_name, fresh, atol=1e-3)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "mingru"])
+def test_a_cache_built_without_the_config_is_given_this_models_layers(rnn_type):
+    """`DynamicCache()` is how transformers' docs build a cache to reuse; without the config it has no layers and
+    would fill with attention layers (an IndexError in the first recurrent block, as in transformers' Mamba)."""
+    model = peaky_model(tiny_config(rnn_type, "every-2nd", num_hidden_layers=3))
+    ids = random_ids(2, 6)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cache = DynamicCache()
+    generated = model.generate(ids, cache=cache, **settings)
+    assert torch.equal(generated, model.generate(ids, **settings))
+    assert [cache.get_seq_length(index) for index in range(3)] == [6 + 8 - 1] * 3  # the caller's object was filled
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda: DynamicCache(config=tiny_config("gru", "no-attention", num_hidden_layers=1)), id="1-block"
+        ),
+        pytest.param(lambda: DynamicCache(config=tiny_config("gru", "no-attention")), id="no-keys-and-values"),
+        pytest.param(lambda: DynamicCache(config=GPT2Config(n_layer=2, n_embd=32, n_head=4)), id="transformer"),
+    ],
+)
+def test_a_cache_for_another_model_is_refused_in_words(make):
+    model = peaky_model(tiny_config("gru", "every-2nd", num_hidden_layers=2))
+    with pytest.raises(ValueError) as error:
+        model(random_ids(1, 5), cache=make(), use_cache=True)
+    assert str(error.value) == (
+        "the cache passed (DynamicCache) does not fit this model: it needs 2 layers, each holding a recurrent state, "
+        "with keys and values in the attention blocks; build it with DynamicCache(config=model.config) or "
+        "StaticCache(config=model.config, max_cache_len=...)"
+    )
 
 
 @pytest.mark.parametrize("where", ["argument", "config"])
