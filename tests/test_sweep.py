@@ -217,8 +217,13 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(swept, capsys, 
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(training.train, "run_training", must_not_train)
+    (output / "my-figure.png").write_bytes(b"the user's own")
+    (output / "curves-a-group-since-removed.png").write_bytes(b"stale")
     code, out, _ = _sweep(study_path, output, capsys, monkeypatch)
     assert code == 0
+    # The report's plots of groups that are gone are removed; nothing else in the folder is touched.
+    assert (output / "my-figure.png").read_bytes() == b"the user's own"
+    assert not (output / "curves-a-group-since-removed.png").exists()
     assert out.count("already finished (results.json exists), skipped") == 5
     assert "0 trained, 5 skipped" in out
     assert {run: (output / "runs" / run / "metrics.jsonl").read_bytes() for run in RUN_NAMES} == before
@@ -239,6 +244,24 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(swept, capsys, 
         assert rows[run] == old[run]
     # Same seed, same data order: the redone run reproduces its first result.
     assert float(rows["gpt2-s"]["best_val_loss"]) == pytest.approx(float(old["gpt2-s"]["best_val_loss"]), abs=1e-6)
+
+
+def test_a_folder_of_the_users_own_files_is_refused_before_any_training(swept, tmp_path, capsys, monkeypatch):
+    """--output-dir pointed at a folder whose REPORT.md, results.csv or plots no sweep wrote: the report would
+    replace them (and it removes plots of gone groups), so nothing is trained and nothing touched."""
+    _, study_path, _, _ = swept
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    own = {"REPORT.md": b"# My report\n", "ablation.png": b"mine", "photo.png": b"mine too"}
+    for name, content in own.items():
+        (folder / name).write_bytes(content)
+    code, out, err = _sweep(study_path, folder, capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"error: --output-dir {folder} holds REPORT.md, ablation.png, which no study report wrote and the report "
+        "would replace; move them elsewhere or choose another --output-dir"
+    ]
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == own
 
 
 def test_a_changed_study_does_not_reuse_stale_runs(swept, tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ import yaml
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training.errors import UserError  # noqa: E402
 from training.plots import DPI, FIGURE_SIZE_INCHES, read_metrics  # noqa: E402
 
 REPORT_FILE = "REPORT.md"
@@ -33,6 +34,7 @@ CSV_FILE = "results.csv"
 SCALING_PLOT = "scaling.png"
 ABLATION_PLOT = "ablation.png"
 GAP_PLOT = "train_val_gap.png"
+REPORT_MARKER = "Produced by `hybrid-lm sweep "  # in every REPORT.md a study writes
 ARCHITECTURE_COLORS = {"hybrid": "tab:blue", "gpt2": "tab:orange"}
 
 
@@ -388,6 +390,49 @@ def _save(figure, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def report_files(output_dir: Path) -> list[Path]:
+    """The files of `output_dir` that have the names a report writes: REPORT.md, results.csv and its plots."""
+    names = {REPORT_FILE, CSV_FILE, SCALING_PLOT, ABLATION_PLOT, GAP_PLOT}
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        path
+        for path in output_dir.iterdir()
+        if path.is_file() and (path.name in names or (path.name.startswith("curves-") and path.suffix == ".png"))
+    )
+
+
+def _is_report_folder(output_dir: Path) -> bool:
+    """Whether the report files there are an earlier report's: its REPORT.md says so, or (a report stopped before
+    its REPORT.md) its results.csv has the report's header."""
+    report, table = output_dir / REPORT_FILE, output_dir / CSV_FILE
+    header = ",".join(f.name for f in fields(RunRecord))
+    try:
+        if report.is_file():
+            with report.open(encoding="utf-8") as stream:
+                return any(REPORT_MARKER in line for line, _ in zip(stream, range(50)))
+        if table.is_file():
+            with table.open(encoding="utf-8") as stream:
+                return stream.readline().strip() == header
+    except (OSError, UnicodeDecodeError):
+        return False
+    return False  # plots of a report's names, and no report
+
+
+def check_report_folder(output_dir: Path) -> None:
+    """Before any training: the report will replace its files in `output_dir` (and remove plots of groups that are
+    gone), so a folder whose files of those names no report wrote is refused, with nothing touched."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file; pass a folder for the study's report and runs")
+    ours = report_files(output_dir)
+    if ours and not _is_report_folder(output_dir):
+        names = ", ".join(path.name for path in ours)
+        raise UserError(
+            f"--output-dir {output_dir} holds {names}, which no study report wrote and the report would replace; "
+            "move them elsewhere or choose another --output-dir"
+        )
+
+
 def write_report(study, planned: list, output_dir: Path, quick: bool = False) -> Path:
     """results.csv, the plots and REPORT.md for the finished runs of `planned` (sweep.PlannedRun list)."""
     output_dir = Path(output_dir)
@@ -397,8 +442,9 @@ def write_report(study, planned: list, output_dir: Path, quick: bool = False) ->
     records = [read_run(folder) for folder in folders.values() if (folder / "results.json").is_file()]
     if not records:
         raise ValueError(f"no finished run in {output_dir}: nothing to report")
-    for stale in output_dir.glob("*.png"):  # plots of groups that no longer exist
-        stale.unlink()
+    for stale in report_files(output_dir):  # plots of groups that no longer exist; the rest is rewritten below
+        if stale.suffix == ".png":
+            stale.unlink()
     write_csv(sorted(records, key=lambda record: record.best_val_loss), output_dir / CSV_FILE)
 
     summary = variation_summary(records)

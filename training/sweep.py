@@ -516,13 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.report import write_report
+    from training.report import check_report_folder, write_report
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     study = load_study(args.study)
     default_dir = Path("runs") / "sweeps" / f"{study.name}-quick" if args.quick else Path("results") / study.name
     output_dir = Path(args.output_dir) if args.output_dir else default_dir
     runs_dir = output_dir / RUNS_FOLDER
+    check_report_folder(output_dir)
     planned = plan_runs(study, runs_dir, quick=args.quick, dataset=args.dataset)
     check_dataset(planned)
     for planned_run in planned:  # before any training: an edited study must not silently reuse stale runs
