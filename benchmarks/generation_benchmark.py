@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
+from training.arguments import check_script_minimums
 from training.train import count_parameters
 
 VOCAB_SIZE = 256  # byte-sized vocabulary: embeddings stay small next to the blocks, as in a char-level model
@@ -273,6 +274,7 @@ def main() -> None:
     )
     parser.add_argument("--output-dir", default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
+    check_script_minimums(args, contexts=1, batch_sizes=1, new_tokens=1, threads=1)
     torch.set_num_threads(args.threads)
     contexts = [c for c in args.contexts if c <= 1024] if args.quick else args.contexts
     device = torch.device(args.device)

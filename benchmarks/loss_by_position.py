@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.arguments import check_script_minimums  # noqa: E402
 from training.data import load_corpus, split_token_stream  # noqa: E402
 from training.generate import load_model_and_tokenizer  # noqa: E402
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    check_script_minimums(args, positions=2, batch_size=1, threads=1)
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

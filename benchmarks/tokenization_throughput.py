@@ -20,6 +20,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, disable_progress_bars
 
+from training.arguments import check_script_minimums
 from training.data import tokenize_corpus
 from training.tokenization import build_tokenizer
 
@@ -166,7 +167,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bpe-vocab-size", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=1024, help="block size of the tokenized corpus")
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps; 0 skips the model")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_script_minimums(args, num_proc=1, bpe_vocab_size=1, block_size=2, train_steps=0)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

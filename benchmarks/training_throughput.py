@@ -41,6 +41,7 @@ from transformers.activations import ACT2FN
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
 from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
+from training.arguments import check_script_minimums
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or a GPU: cuda, cuda:1, ... (float32 without TF32)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks that it runs")
     args = parser.parse_args(argv)
+    check_script_minimums(args, threads=1, rounds=1, steps=1, warmup=0)
     args.rnn_types = [name.strip() for name in args.rnn_types.split(",") if name.strip()]
     unknown = [name for name in args.rnn_types if name not in RNN_TYPES]
     if unknown:
@@ -363,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.chunk_sizes is not None and len(args.hidden_act) > 1:
         raise SystemExit("error: --chunk-sizes times one model per chunk size: give one --hidden-act")
     if args.chunk_sizes is not None:
-        args.chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+        try:
+            args.chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --chunk-sizes {args.chunk_sizes!r}: give integers, e.g. 4,8,16") from None
+        check_script_minimums(args, chunk_sizes=1)
     try:
         args.device = torch.device(args.device)
     except RuntimeError:

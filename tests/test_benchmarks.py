@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,13 @@ from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load(name: str):
+def load(name: str, monkeypatch=None):
+    """A benchmark script as a module; `monkeypatch` registers it in sys.modules while it runs, which dataclasses of
+    a script with `from __future__ import annotations` need."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -127,3 +132,30 @@ def test_training_throughput_rejects_an_unknown_precision():
     benchmark = load("training_throughput")
     with pytest.raises(SystemExit, match="--precisions fp16: choose from fp32, bf16"):
         benchmark.main(["--quick", "--precisions", "fp16"])
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("training_throughput", ["--threads", "0"], "--threads 0: must be at least 1"),
+        ("training_throughput", ["--rounds", "0"], "--rounds 0: must be at least 1"),
+        ("training_throughput", ["--warmup", "-1"], "--warmup -1: must be at least 0"),
+        ("training_throughput", ["--chunk-sizes", "4,eight"], "--chunk-sizes '4,eight': give integers, e.g. 4,8,16"),
+        ("generation_benchmark", ["--contexts", "128", "0"], "--contexts 0: must be at least 1"),
+        ("generation_benchmark", ["--new-tokens", "0"], "--new-tokens 0: must be at least 1"),
+        (
+            "loss_by_position",
+            ["--model", "a=b", "--dataset", "x", "--output-dir", "o", "--positions", "1"],
+            "--positions 1: must be at least 2",
+        ),
+        ("tokenization_throughput", ["--block-size", "1"], "--block-size 1: must be at least 2"),
+    ],
+)
+def test_the_benchmarks_refuse_counts_below_their_minimum_in_one_line(script, argv, message, monkeypatch, tmp_path):
+    """Before the check these ended in tracebacks (torch's set_num_threads, an empty median, an empty prompt)."""
+    monkeypatch.chdir(tmp_path)  # nothing may be written, even a folder
+    monkeypatch.setattr("sys.argv", [f"{script}.py", *argv])
+    benchmark = load(script, monkeypatch)
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
+        benchmark.main() if script == "generation_benchmark" else benchmark.main(argv)
+    assert not list(tmp_path.iterdir())

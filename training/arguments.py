@@ -463,3 +463,13 @@ def _check_positive(instance, *names: str, allow_none: bool = False) -> None:
             continue
         if value is None or value <= 0:
             raise UserError(f"--{_flag(name)} must be a positive number, got {value}")
+
+
+def check_script_minimums(args: argparse.Namespace, **minimums: int | float) -> None:
+    """The numeric flags of a script (the benchmarks): exits with one `error:` line naming the first flag whose value
+    (or any value of a list flag) is below its minimum, before any work. A value of None (unset) passes."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item < minimum:
+                raise SystemExit(f"error: --{_flag(name)} {item}: must be at least {minimum}")
