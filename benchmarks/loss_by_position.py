@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.arguments import check_script_minimums  # noqa: E402
 from training.data import load_corpus, split_token_stream  # noqa: E402
+from training.errors import UserError  # noqa: E402
 from training.generate import load_model_and_tokenizer  # noqa: E402
 
 matplotlib.use("Agg")
@@ -71,6 +72,27 @@ def binned(losses: torch.Tensor) -> list[tuple[int, int, float]]:
     return rows
 
 
+def _position_curves(args: argparse.Namespace, models: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """The mean loss at every position for each (label, folder), over the validation split cut into sequences."""
+    validation = load_corpus(args.dataset, validation_fraction=args.validation_fraction)["validation"]
+    curves = {}
+    for label, folder in models:
+        model, tokenizer = load_model_and_tokenizer(folder)
+        model.eval()
+        stream = split_token_stream(validation, tokenizer)
+        count = len(stream) // args.positions
+        if count == 0:
+            raise UserError(
+                f"the validation split of {args.dataset} has {len(stream)} tokens for {label}, fewer than "
+                f"--positions {args.positions}; pass --positions {max(len(stream), 2)} or less, or more data"
+            )
+        sequences = torch.as_tensor(stream[: count * args.positions].reshape(count, args.positions), dtype=torch.long)
+        training = yaml.safe_load((Path(folder) / "training_args.yaml").read_text())
+        curves[label] = position_losses(model, sequences, training["block_size"], args.batch_size)
+        print(f"{label}: {count} sequences of {args.positions} tokens, mean loss {float(curves[label].mean()):.4f}")
+    return curves
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True, help="LABEL=FOLDER (repeat for several models)")
@@ -82,22 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     check_script_minimums(args, positions=2, batch_size=1, threads=1)
+    models = [spec.partition("=")[::2] for spec in args.model]
+    for spec, (label, folder) in zip(args.model, models):
+        if not label or not folder:
+            raise SystemExit(f"error: --model {spec!r}: give LABEL=FOLDER, e.g. --model gru=runs/gru")
+        if not (Path(folder) / "training_args.yaml").is_file():
+            raise SystemExit(
+                f"error: --model {spec}: {folder} has no training_args.yaml (the block size the model was trained "
+                "at); pass an output folder of `hybrid-lm train`"
+            )
     torch.set_num_threads(args.threads)
+    try:
+        curves = _position_curves(args, models)
+    except UserError as error:  # a corpus or model folder that cannot be read: the commands' own message
+        raise SystemExit(f"error: {error}") from None
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    validation = load_corpus(args.dataset, validation_fraction=args.validation_fraction)["validation"]
-
-    curves = {}
-    for spec in args.model:
-        label, _, folder = spec.partition("=")
-        model, tokenizer = load_model_and_tokenizer(folder)
-        model.eval()
-        stream = split_token_stream(validation, tokenizer)
-        count = len(stream) // args.positions
-        sequences = torch.as_tensor(stream[: count * args.positions].reshape(count, args.positions), dtype=torch.long)
-        training = yaml.safe_load((Path(folder) / "training_args.yaml").read_text())
-        curves[label] = position_losses(model, sequences, training["block_size"], args.batch_size)
-        print(f"{label}: {count} sequences of {args.positions} tokens, mean loss {float(curves[label].mean()):.4f}")
 
     figure, axes = plt.subplots(figsize=(8, 5), layout="constrained")
     for label, losses in curves.items():

@@ -148,11 +148,23 @@ def test_training_throughput_rejects_an_unknown_precision():
             ["--model", "a=b", "--dataset", "x", "--output-dir", "o", "--positions", "1"],
             "--positions 1: must be at least 2",
         ),
+        (
+            "loss_by_position",
+            ["--model", "gru", "--dataset", "x", "--output-dir", "o"],
+            "--model 'gru': give LABEL=FOLDER, e.g. --model gru=runs/gru",
+        ),
+        (
+            "loss_by_position",
+            ["--model", "gru=nowhere", "--dataset", "x", "--output-dir", "o"],
+            "--model gru=nowhere: nowhere has no training_args.yaml (the block size the model was trained at); pass "
+            "an output folder of `hybrid-lm train`",
+        ),
         ("tokenization_throughput", ["--block-size", "1"], "--block-size 1: must be at least 2"),
     ],
 )
-def test_the_benchmarks_refuse_counts_below_their_minimum_in_one_line(script, argv, message, monkeypatch, tmp_path):
-    """Before the check these ended in tracebacks (torch's set_num_threads, an empty median, an empty prompt)."""
+def test_the_benchmarks_refuse_bad_arguments_in_one_line_before_any_work(script, argv, message, monkeypatch, tmp_path):
+    """Before the checks these ended in tracebacks (torch's set_num_threads, an empty median, an empty prompt, a
+    missing file) or, for loss_by_position, an empty output folder."""
     monkeypatch.chdir(tmp_path)  # nothing may be written, even a folder
     monkeypatch.setattr("sys.argv", [f"{script}.py", *argv])
     benchmark = load(script, monkeypatch)
