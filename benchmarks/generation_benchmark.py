@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
-from training.arguments import check_script_minimums
+from training.arguments import check_script_minimums, script_device
 from training.train import count_parameters
 
 VOCAB_SIZE = 256  # byte-sized vocabulary: embeddings stay small next to the blocks, as in a char-level model
@@ -277,7 +277,9 @@ def main() -> None:
     check_script_minimums(args, contexts=1, batch_sizes=1, new_tokens=1, threads=1)
     torch.set_num_threads(args.threads)
     contexts = [c for c in args.contexts if c <= 1024] if args.quick else args.contexts
-    device = torch.device(args.device)
+    if not contexts:
+        raise SystemExit(f"error: --quick measures contexts up to 1024 tokens; --contexts {args.contexts} has none")
+    device = script_device(args.device)
     torch.manual_seed(0)
     models = {name: model.to(device).eval() for name, model in build_models(max(contexts) + args.new_tokens).items()}
     parameters = {name: (model.num_parameters(), non_embedding_parameters(model)) for name, model in models.items()}

@@ -41,7 +41,7 @@ from transformers.activations import ACT2FN
 
 from hybrid_rnn_lm import HybridRnnLmConfig, HybridRnnLmForCausalLM
 from hybrid_rnn_lm.configuration_hybrid_rnn_lm import RNN_TYPES
-from training.arguments import check_script_minimums
+from training.arguments import check_script_minimums, script_device
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -370,14 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             raise SystemExit(f"error: --chunk-sizes {args.chunk_sizes!r}: give integers, e.g. 4,8,16") from None
         check_script_minimums(args, chunk_sizes=1)
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if args.device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {args.device}: this benchmark runs on cpu or cuda")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA GPU is available here; use --device cpu")
+    args.device = script_device(args.device)
     args.cpu_without_bf16 = args.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     args.bf16_left_out = args.precisions is None and args.cpu_without_bf16
     if args.precisions is None:

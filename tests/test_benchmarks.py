@@ -148,6 +148,12 @@ def test_training_throughput_rejects_an_unknown_precision():
             ["--model", "a=b", "--dataset", "x", "--output-dir", "o", "--positions", "1"],
             "--positions 1: must be at least 2",
         ),
+        ("generation_benchmark", ["--device", "gpu0"], "--device 'gpu0' is not a device; use cpu, cuda or cuda:N"),
+        (
+            "generation_benchmark",
+            ["--quick", "--contexts", "4096"],
+            "--quick measures contexts up to 1024 tokens; --contexts [4096] has none",
+        ),
         (
             "loss_by_position",
             ["--model", "gru", "--dataset", "x", "--output-dir", "o"],

@@ -473,3 +473,18 @@ def check_script_minimums(args: argparse.Namespace, **minimums: int | float) -> 
         for item in value if isinstance(value, list) else [value]:
             if item is not None and item < minimum:
                 raise SystemExit(f"error: --{_flag(name)} {item}: must be at least {minimum}")
+
+
+def script_device(name: str):
+    """A script's --device as a torch.device: cpu or an available CUDA GPU, else one `error:` line and exit."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {device}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA GPU is available here; use --device cpu")
+    return device
