@@ -409,8 +409,7 @@ def _is_report_folder(output_dir: Path) -> bool:
     header = ",".join(f.name for f in fields(RunRecord))
     try:
         if report.is_file():
-            with report.open(encoding="utf-8") as stream:
-                return any(REPORT_MARKER in line for line, _ in zip(stream, range(50)))
+            return REPORT_MARKER in report.read_text(encoding="utf-8")
         if table.is_file():
             with table.open(encoding="utf-8") as stream:
                 return stream.readline().strip() == header
