@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars
 
 from training.arguments import check_script_minimums
 from training.data import tokenize_corpus
-from training.tokenization import build_tokenizer
+from training.tokenization import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -168,7 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=1024, help="block size of the tokenized corpus")
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps; 0 skips the model")
     args = parser.parse_args(argv)
-    check_script_minimums(args, num_proc=1, bpe_vocab_size=1, block_size=2, train_steps=0)
+    smallest_bpe = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)  # the tokenizer's own floor
+    check_script_minimums(args, num_proc=1, bpe_vocab_size=smallest_bpe, block_size=2, train_steps=0)
     return args
 
 

@@ -166,6 +166,7 @@ def test_training_throughput_rejects_an_unknown_precision():
             "an output folder of `hybrid-lm train`",
         ),
         ("tokenization_throughput", ["--block-size", "1"], "--block-size 1: must be at least 2"),
+        ("tokenization_throughput", ["--bpe-vocab-size", "10"], "--bpe-vocab-size 10: must be at least 259"),
     ],
 )
 def test_the_benchmarks_refuse_bad_arguments_in_one_line_before_any_work(script, argv, message, monkeypatch, tmp_path):
